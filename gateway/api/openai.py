@@ -1,0 +1,134 @@
+"""The OpenAI wire format: ``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/models``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.context import RequestContext
+from gateway.errors import InvalidRequest, NotFound, RequestTooLarge
+from gateway.relay import relay_stream, stream_attempt, unary_attempt
+from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
+
+JSON = "application/json"
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    """Read and parse the body once. Oversized bodies are refused before they are read."""
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(f"request body is {request.content_length} bytes; the limit is {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _context(request: web.Request, gw: Gateway, body: dict[str, Any], endpoint: str) -> RequestContext:
+    model = body.get("model")
+    if model is None or model == "":
+        raise InvalidRequest(
+            "you must provide a model parameter", param="model", code="missing_required_parameter"
+        )
+    if not isinstance(model, str):
+        raise InvalidRequest("model must be a string", param="model", code="invalid_type")
+    route = gw.router.routes.get(model)
+    if route is None:
+        raise NotFound(f"the model {model!r} does not exist", param="model", code="model_not_found")
+    ctx = RequestContext(request[REQUEST_ID], endpoint, body, route.model)
+    request[CONTEXT] = ctx
+    return ctx
+
+
+def _validate_chat(body: dict[str, Any]) -> None:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest(
+            "you must provide a messages parameter",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty array", param="messages", code="invalid_type")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"messages[{i}] must be an object with a string role",
+                param=f"messages[{i}]",
+                code="invalid_type",
+            )
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean", param="stream", code="invalid_type")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("stream_options must be an object", param="stream_options", code="invalid_type")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InvalidRequest(f"{name} must be a positive integer", param=name, code="invalid_type")
+
+
+def gateway_headers(ctx: RequestContext) -> dict[str, str]:
+    headers = ctx.response_headers
+    if ctx.provider is not None:
+        headers["x-gateway-provider"] = ctx.provider
+        headers["x-gateway-upstream-model"] = ctx.upstream_model or ""
+    headers["x-gateway-attempts"] = str(ctx.attempts)
+    headers["x-request-id"] = ctx.request_id
+    return headers
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    body = await read_json(request, gw.config.server.max_body_bytes)
+    ctx = _context(request, gw, body, "chat")
+    _validate_chat(body)
+    if body.get("stream") is True:
+        ctx.stream = True
+        options = body.get("stream_options")
+        ctx.added_include_usage = not (isinstance(options, dict) and options.get("include_usage") is True)
+        upstream = await gw.router.run(ctx, lambda target: stream_attempt(ctx, target))
+        gateway_headers(ctx)
+        return await relay_stream(request, ctx, upstream)
+    result = await gw.router.run(ctx, lambda target: unary_attempt(ctx, target, "/chat/completions"))
+    return web.Response(body=result.body, content_type=JSON, headers=gateway_headers(ctx))
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    body = await read_json(request, gw.config.server.max_body_bytes)
+    ctx = _context(request, gw, body, "embeddings")
+    value = body.get("input")
+    if value is None or value == "" or value == []:
+        raise InvalidRequest(
+            "you must provide an input parameter", param="input", code="missing_required_parameter"
+        )
+    if not isinstance(value, str | list):
+        raise InvalidRequest("input must be a string or an array", param="input", code="invalid_type")
+    result = await gw.router.run(ctx, lambda target: unary_attempt(ctx, target, "/embeddings"))
+    return web.Response(body=result.body, content_type=JSON, headers=gateway_headers(ctx))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    return web.Response(body=gw.models_body, content_type=JSON)
+
+
+def models_body(names: list[str]) -> bytes:
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "llm-gateway"} for n in names]
+    return orjson.dumps({"object": "list", "data": data})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)

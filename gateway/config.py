@@ -1,0 +1,553 @@
+"""Configuration: YAML with ``${ENV}`` / ``${ENV:-default}`` interpolation → frozen, validated objects.
+
+This is the only module that reads the environment. Validation collects *every* problem with the
+dotted path of the offending key, so ``llm-gateway check-config`` can print them all at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PROVIDER_TYPES = ("openrouter", "deepseek", "openai", "mock")
+# Provider types that cannot work without a key: with an empty key they count as "unconfigured".
+KEYED_PROVIDER_TYPES = ("openrouter", "deepseek")
+DEFAULT_PLUGINS = ("auth", "rate_limit", "quota", "cache")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """Raised with the full list of problems found in a configuration."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 30.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    timeouts: Timeouts = Timeouts()
+    headers: Mapping[str, str] = field(default_factory=dict)
+    max_connections: int = 256
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_key) or self.type not in KEYED_PROVIDER_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    cached_input_per_mtok: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    targets: tuple[TargetConfig, ...]
+    pricing: Pricing = Pricing()
+    context_window: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    daily_usd: float | None = None
+    monthly_usd: float | None = None
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TeamConfig:
+    id: str
+    key_hashes: tuple[str, ...] = ()
+    models: tuple[str, ...] | None = None
+    limits: Limits = Limits()
+    budgets: Budgets = Budgets()
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    failures: int = 5
+    cooldown_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    retries: int = 1
+    backoff_seconds: float = 0.2
+    max_backoff_seconds: float = 5.0
+    retry_after_cap_seconds: float = 10.0
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    # A model whose every target's provider lacks its API key routes here instead (the demo default).
+    unconfigured_provider: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+    shutdown_grace_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = field(repr=False)
+    prefix: str = "llmgw"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    enabled: bool = False
+    ttl_seconds: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    algorithms: tuple[str, ...]
+    audience: str
+    issuer: str
+    team_claim: str = "team"
+    secret: str | None = field(default=None, repr=False)
+    public_key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    providers: tuple[ProviderConfig, ...]
+    models: tuple[ModelConfig, ...]
+    teams: tuple[TeamConfig, ...] = ()
+    routing: RoutingConfig = RoutingConfig()
+    redis: RedisConfig | None = None
+    cache: CacheConfig = CacheConfig()
+    jwt: JwtConfig | None = None
+    master_key_hash: str | None = field(default=None, repr=False)
+    plugins: tuple[str, ...] = DEFAULT_PLUGINS
+    source: str = "<memory>"
+
+    def provider(self, name: str) -> ProviderConfig:
+        return next(p for p in self.providers if p.name == name)
+
+    def secrets(self) -> list[str]:
+        """Every secret this config holds, so tests and the log redactor can look for them."""
+        found = [p.api_key for p in self.providers if p.api_key]
+        if self.jwt and self.jwt.secret:
+            found.append(self.jwt.secret)
+        return found
+
+
+def hash_key(key: str) -> str:
+    """The one way an API key is stored and looked up: hex SHA-256 of the UTF-8 key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string scalar of a parsed YAML tree."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and (env[name] or default is None):
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path}: environment variable {name} is not set")
+            return ""
+
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Typed access to one mapping of the YAML tree; records problems instead of raising."""
+
+    def __init__(self, data: Any, path: str, problems: list[str]) -> None:
+        self.path, self.problems = path, problems
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.problem("", "must be a mapping")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def problem(self, name: str, message: str) -> None:
+        where = self.key(name) if name else (self.path or "<root>")
+        self.problems.append(f"{where}: {message}")
+
+    def known(self, *names: str) -> None:
+        for name in self.data:
+            if name not in names:
+                self.problem(str(name), f"unknown key (expected one of: {', '.join(names)})")
+
+    def get(self, name: str, kind: Callable[[Any], T], default: T, *, required: bool = False) -> T:
+        if name not in self.data or self.data[name] in (None, ""):
+            if required:
+                self.problem(name, "is required")
+            return default
+        raw = self.data[name]
+        try:
+            if kind is bool:
+                if isinstance(raw, bool):
+                    return raw  # type: ignore[return-value]
+                if str(raw).lower() in ("true", "false", "1", "0", "yes", "no"):
+                    return str(raw).lower() in ("true", "1", "yes")  # type: ignore[return-value]
+                raise ValueError
+            if kind in (int, float) and isinstance(raw, bool):
+                raise ValueError
+            value = kind(raw)
+        except (TypeError, ValueError):
+            self.problem(name, f"must be {getattr(kind, '__name__', 'valid')}, got {type(raw).__name__}")
+            return default
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            self.problem(name, "must not be negative")
+            return default
+        return value
+
+    def child(self, name: str) -> _Reader:
+        return _Reader(self.data.get(name), self.key(name), self.problems)
+
+    def items(self, name: str) -> list[_Reader]:
+        raw = self.data.get(name) or []
+        if not isinstance(raw, list):
+            self.problem(name, "must be a list")
+            return []
+        return [_Reader(item, f"{self.key(name)}[{i}]", self.problems) for i, item in enumerate(raw)]
+
+    def strings(self, name: str) -> tuple[str, ...] | None:
+        raw = self.data.get(name)
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            self.problem(name, "must be a list of strings")
+            return None
+        return tuple(raw)
+
+
+def _positive(r: _Reader, name: str, value: float, minimum: float = 0.0) -> None:
+    if value <= minimum:
+        r.problem(name, f"must be greater than {minimum:g}")
+
+
+def _timeouts(r: _Reader) -> Timeouts:
+    r.known("connect", "first_byte", "idle", "total")
+    d = Timeouts()
+    t = Timeouts(
+        connect=r.get("connect", float, d.connect),
+        first_byte=r.get("first_byte", float, d.first_byte),
+        idle=r.get("idle", float, d.idle),
+        total=r.get("total", float, d.total),
+    )
+    for name in ("connect", "first_byte", "idle", "total"):
+        _positive(r, name, getattr(t, name))
+    return t
+
+
+def _provider(r: _Reader) -> ProviderConfig:
+    r.known("name", "type", "base_url", "api_key", "timeouts", "headers", "max_connections")
+    name = r.get("name", str, "", required=True)
+    kind = r.get("type", str, "openai", required=True)
+    if kind not in PROVIDER_TYPES:
+        r.problem("type", f"must be one of {', '.join(PROVIDER_TYPES)}, got {kind!r}")
+    base_url = r.get("base_url", str, "").rstrip("/")
+    if kind != "mock" and not base_url:
+        r.problem("base_url", "is required")
+    elif base_url and not base_url.startswith(("http://", "https://")):
+        r.problem("base_url", "must start with http:// or https://")
+    headers = r.data.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        r.problem("headers", "must be a mapping of header names to strings")
+        headers = {}
+    return ProviderConfig(
+        name=name,
+        type=kind,
+        base_url=base_url,
+        api_key=r.get("api_key", str, ""),
+        timeouts=_timeouts(r.child("timeouts")),
+        headers={str(k): v for k, v in headers.items()},
+        max_connections=r.get("max_connections", int, 256),
+    )
+
+
+def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
+    r.known("name", "targets", "pricing", "context_window")
+    targets = []
+    for t in r.items("targets"):
+        t.known("provider", "model")
+        target = TargetConfig(
+            t.get("provider", str, "", required=True), t.get("model", str, "", required=True)
+        )
+        if target.provider and target.provider not in provider_names:
+            t.problem("provider", f"unknown provider {target.provider!r}")
+        targets.append(target)
+    if not targets:
+        r.problem("targets", "needs at least one target")
+    p = r.child("pricing")
+    p.known("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+    cached = p.get("cached_input_per_mtok", float, -1.0)
+    pricing = Pricing(
+        p.get("input_per_mtok", float, 0.0),
+        p.get("output_per_mtok", float, 0.0),
+        None if cached < 0 else cached,
+    )
+    window = r.get("context_window", int, 0)
+    return ModelConfig(r.get("name", str, "", required=True), tuple(targets), pricing, window or None)
+
+
+def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
+    r.known("id", "api_keys", "models", "limits", "budgets")
+    hashes = []
+    for i, key in enumerate(r.strings("api_keys") or ()):
+        if key.startswith("sha256:"):
+            digest = key[7:].lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                r.problem(f"api_keys[{i}]", "sha256: must be followed by 64 hex digits")
+            hashes.append(digest)
+        elif key:
+            hashes.append(hash_key(key))
+    models = r.strings("models")
+    for m in models or ():
+        if m not in model_names:
+            r.problem("models", f"unknown model {m!r}")
+    lim = r.child("limits")
+    lim.known("rpm", "tpm", "max_parallel")
+    bud = r.child("budgets")
+    bud.known("daily_usd", "monthly_usd", "daily_tokens", "monthly_tokens")
+    none_i: int | None = None
+    none_f: float | None = None
+    return TeamConfig(
+        id=r.get("id", str, "", required=True),
+        key_hashes=tuple(hashes),
+        models=models,
+        limits=Limits(
+            lim.get("rpm", int, none_i),
+            lim.get("tpm", int, none_i),
+            lim.get("max_parallel", int, none_i),
+        ),
+        budgets=Budgets(
+            bud.get("daily_usd", float, none_f),
+            bud.get("monthly_usd", float, none_f),
+            bud.get("daily_tokens", int, none_i),
+            bud.get("monthly_tokens", int, none_i),
+        ),
+    )
+
+
+def _routing(r: _Reader, provider_names: set[str]) -> RoutingConfig:
+    r.known(
+        "retries",
+        "backoff_seconds",
+        "max_backoff_seconds",
+        "retry_after_cap_seconds",
+        "circuit_breaker",
+        "unconfigured_provider",
+    )
+    cb = r.child("circuit_breaker")
+    cb.known("failures", "cooldown_seconds")
+    breaker = CircuitBreakerConfig(cb.get("failures", int, 5), cb.get("cooldown_seconds", float, 30.0))
+    _positive(cb, "failures", breaker.failures)
+    fallback = r.get("unconfigured_provider", str, "") or None
+    if fallback and fallback not in provider_names:
+        r.problem("unconfigured_provider", f"unknown provider {fallback!r}")
+    return RoutingConfig(
+        retries=r.get("retries", int, 1),
+        backoff_seconds=r.get("backoff_seconds", float, 0.2),
+        max_backoff_seconds=r.get("max_backoff_seconds", float, 5.0),
+        retry_after_cap_seconds=r.get("retry_after_cap_seconds", float, 10.0),
+        circuit_breaker=breaker,
+        unconfigured_provider=fallback,
+    )
+
+
+def _jwt(r: _Reader) -> JwtConfig | None:
+    if not r.data:
+        return None
+    r.known("algorithms", "secret", "public_key_file", "audience", "issuer", "team_claim")
+    algorithms = r.strings("algorithms") or ()
+    if not algorithms:
+        r.problem("algorithms", "is required (a list such as [RS256])")
+    for alg in algorithms:
+        if alg.lower() == "none":
+            r.problem("algorithms", '"none" is never allowed')
+        elif not re.fullmatch(r"(HS|RS|ES|PS)(256|384|512)|EdDSA", alg):
+            r.problem("algorithms", f"unsupported algorithm {alg!r}")
+    secret = r.get("secret", str, "") or None
+    key_file = r.get("public_key_file", str, "") or None
+    if any(a.startswith("HS") for a in algorithms) and not secret:
+        r.problem("secret", "is required for HS* algorithms")
+    if any(not a.startswith("HS") for a in algorithms) and not key_file:
+        r.problem("public_key_file", "is required for RS*/ES*/PS* algorithms")
+    return JwtConfig(
+        algorithms=algorithms,
+        audience=r.get("audience", str, "", required=True),
+        issuer=r.get("issuer", str, "", required=True),
+        team_claim=r.get("team_claim", str, "team"),
+        secret=secret,
+        public_key_file=key_file,
+    )
+
+
+def _unique(r: _Reader, what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n and n in seen:
+            r.problem(what, f"duplicate name {n!r}")
+        seen.add(n)
+
+
+def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    data = interpolate(raw, os.environ if env is None else env, "", problems)
+    root = _Reader(data, "", problems)
+    root.known(
+        "server",
+        "redis",
+        "providers",
+        "models",
+        "teams",
+        "routing",
+        "cache",
+        "auth",
+        "admin",
+        "plugins",
+    )
+
+    s = root.child("server")
+    s.known("host", "port", "max_body_bytes", "shutdown_grace_seconds")
+    server = ServerConfig(
+        host=s.get("host", str, "127.0.0.1"),
+        port=s.get("port", int, 8080),
+        max_body_bytes=s.get("max_body_bytes", int, 10 * 1024 * 1024),
+        shutdown_grace_seconds=s.get("shutdown_grace_seconds", float, 30.0),
+    )
+    if not 0 <= server.port <= 65535:
+        s.problem("port", "must be between 0 and 65535")
+
+    providers = [_provider(p) for p in root.items("providers")]
+    if not providers:
+        root.problem("providers", "needs at least one provider")
+    _unique(root, "providers", [p.name for p in providers])
+    provider_names = {p.name for p in providers}
+
+    models = [_model(m, provider_names) for m in root.items("models")]
+    if not models:
+        root.problem("models", "needs at least one model")
+    _unique(root, "models", [m.name for m in models])
+    model_names = {m.name for m in models}
+
+    teams = [_team(t, model_names) for t in root.items("teams")]
+    _unique(root, "teams", [t.id for t in teams])
+
+    routing = _routing(root.child("routing"), provider_names)
+
+    redis = None
+    rc = root.child("redis")
+    rc.known("url", "prefix")
+    if rc.get("url", str, ""):
+        redis = RedisConfig(url=rc.get("url", str, ""), prefix=rc.get("prefix", str, "llmgw"))
+        if not redis.url.startswith(("redis://", "rediss://", "unix://")):
+            rc.problem("url", "must start with redis://, rediss:// or unix://")
+
+    c = root.child("cache")
+    c.known("enabled", "ttl_seconds")
+    cache = CacheConfig(c.get("enabled", bool, False), c.get("ttl_seconds", int, 3600))
+
+    a = root.child("auth")
+    a.known("jwt")
+    jwt = _jwt(a.child("jwt"))
+
+    adm = root.child("admin")
+    adm.known("master_key")
+    master = adm.get("master_key", str, "")
+
+    plugins = root.strings("plugins")
+    if plugins is None:
+        plugins = DEFAULT_PLUGINS
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        server=server,
+        providers=tuple(providers),
+        models=tuple(models),
+        teams=tuple(teams),
+        routing=routing,
+        redis=redis,
+        cache=cache,
+        jwt=jwt,
+        master_key_hash=hash_key(master) if master else None,
+        plugins=plugins,
+        source=source,
+    )
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+    return parse(raw, env, source=str(path))
+
+
+def default_path() -> Path:
+    """``config/gateway.yaml`` from the working directory, else the copy shipped with the package."""
+    local = Path("config/gateway.yaml")
+    if local.is_file():
+        return local
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "config" / "gateway.yaml", here / "_config" / "gateway.yaml"):
+        if candidate.is_file():
+            return candidate
+    return local

@@ -1,0 +1,69 @@
+"""The typed request context that flows from the handler through plugins, routing and the relay."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import ModelConfig
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float | None = None  # as reported by the upstream (OpenRouter's usage.cost)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_json(cls, usage: Any) -> Usage | None:
+        if not isinstance(usage, dict):
+            return None
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if cached is None:  # DeepSeek reports prompt cache hits under its own name
+            cached = usage.get("prompt_cache_hit_tokens")
+        cost = usage.get("cost")
+        return cls(
+            prompt_tokens=_int(usage.get("prompt_tokens")),
+            completion_tokens=_int(usage.get("completion_tokens")),
+            cached_tokens=_int(cached),
+            cost_usd=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
+        )
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    endpoint: str  # "chat" | "embeddings"
+    body: dict[str, Any]
+    model: ModelConfig
+    stream: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    # Filled by auth (issue #3) and by the router / relay.
+    team: str | None = None
+    key_id: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    attempts: int = 0
+    status: int = 0
+    ttft: float | None = None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+    cache: str | None = None
+    added_include_usage: bool = False
+    error: str | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name

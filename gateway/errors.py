@@ -1,0 +1,161 @@
+"""Every failure the gateway reports, mapped to OpenAI's error shape in one place.
+
+    GatewayError                      status  type                   code
+    ├── InvalidRequest                400     invalid_request_error  (given)
+    ├── AuthenticationFailed          401     authentication_error   invalid_api_key
+    ├── PermissionDenied              403     permission_error       (given)
+    ├── NotFound                      404     invalid_request_error  (given, e.g. model_not_found)
+    ├── RequestTooLarge               413     invalid_request_error  request_too_large
+    ├── RateLimited                   429     rate_limit_error       rate_limit_exceeded
+    ├── QuotaExceeded                 429     insufficient_quota     insufficient_quota
+    ├── ServiceUnavailable            503     service_unavailable    (given)
+    ├── UpstreamError                 502/503/504 upstream_error     (given)
+    └── PassThroughError              the upstream's 4xx, normalised to OpenAI's shape
+
+Messages are written by the gateway and never contain secrets or upstream stack traces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+JSON = "application/json"
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        if status is not None:
+            self.status = status
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def to_response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body(), content_type=JSON, headers=self.headers)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.headers.setdefault("Retry-After", str(max(1, int(retry_after + 0.999))))
+
+
+class QuotaExceeded(RateLimited):
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+
+
+class PassThroughError(GatewayError):
+    """An upstream's own 4xx answer (already normalised to OpenAI's shape), relayed to the client."""
+
+    def __init__(self, body: bytes, *, status: int) -> None:
+        super().__init__("upstream rejected the request", status=status)
+        self._body = body
+
+    def body(self) -> bytes:
+        return self._body
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def sse_error_event(message: str, type_: str = "upstream_error", code: str | None = None) -> bytes:
+    """An error delivered inside an already-started SSE stream (no ``[DONE]`` follows it)."""
+    return b"data: " + error_body(message, type_, code) + b"\n\n"
+
+
+def normalize_upstream_error(status: int, body: bytes) -> bytes:
+    """Return the upstream's error body if it already has OpenAI's shape, else wrap it in it.
+
+    Only the documented fields are kept, so whatever else an upstream echoes back (request
+    headers, internal traces) never reaches the client.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        code = err.get("code")
+        return error_body(
+            err["message"][:2000],
+            str(err.get("type") or _type_for(status)),
+            None if code is None else str(code),
+            err.get("param") if isinstance(err.get("param"), str) else None,
+        )
+    if isinstance(err, str):
+        return error_body(err[:2000], _type_for(status))
+    return error_body(f"upstream returned HTTP {status}", _type_for(status))
+
+
+def _type_for(status: int) -> str:
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "invalid_request_error",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+    }.get(status, "upstream_error")

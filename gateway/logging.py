@@ -1,0 +1,97 @@
+"""structlog JSON logs to stdout, with a redaction processor as the last line of defence.
+
+The gateway never passes a key to a logger on purpose; the redactor exists for the day a bug does.
+It masks bearer tokens, ``sk-``-style keys and every secret the loaded config holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, BinaryIO
+
+import orjson
+import structlog
+
+_GENERIC = [
+    r"(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}",
+    r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{8,}",
+    r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",  # JWTs
+]
+REDACTED = "[REDACTED]"
+
+
+class Redactor:
+    """A structlog processor that masks secrets in every string value of an event."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.set_secrets(secrets)
+
+    def set_secrets(self, secrets: Iterable[str]) -> None:
+        literal = [re.escape(s) for s in sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)]
+        self.pattern = re.compile("|".join(literal + _GENERIC))
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in event.items():
+            if isinstance(value, str | dict | list | tuple):
+                event[key] = self.clean(value)
+        return event
+
+    def clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.pattern.sub(REDACTED, value)
+        if isinstance(value, dict):
+            return {k: self.clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.clean(v) for v in value]
+        return value
+
+
+REDACTOR = Redactor()
+
+
+def _orjson_bytes(logger: Any, name: str, event: MutableMapping[str, Any]) -> bytes:
+    return orjson.dumps(event, default=str)
+
+
+def _binary(stream: Any) -> BinaryIO:
+    buffer: BinaryIO = getattr(stream, "buffer", stream)
+    return buffer
+
+
+def configure(level: str = "info", stream: Any = None, *, cache: bool = True) -> None:
+    """Set up structlog (JSON lines, UTC timestamps) and route stdlib logging through it."""
+    out = stream or sys.stdout
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            REDACTOR,
+            _orjson_bytes,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.BytesLoggerFactory(_binary(out)),
+        cache_logger_on_first_use=cache,
+    )
+    # aiohttp and asyncio report through stdlib logging: keep their warnings, as JSON too.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(_StdlibJSON())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+class _StdlibJSON(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any] = {
+            "event": record.getMessage(),
+            "logger": record.name,
+            "level": record.levelname.lower(),
+        }
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(REDACTOR(None, "", event)).decode()

@@ -1,0 +1,55 @@
+"""Prometheus metrics (names and labels are part of the public contract: CONTRACT.md).
+
+Label values are bounded: configured model/provider/team names, status codes and a fixed set of
+outcomes — never keys, request ids or free text. Hot paths bind label children once and reuse them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["Counter", "Gauge", "Histogram"]
+
+# 10 ms … 120 s: LLM calls range from cached hits to long generations.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+
+REQUESTS = Counter(
+    "llm_gateway_requests",
+    "Requests answered, by final status.",
+    ["model", "provider", "status_code", "team"],
+)
+REQUEST_DURATION = Histogram(
+    "llm_gateway_request_duration_seconds",
+    "Request latency, end to end.",
+    ["model", "provider"],
+    buckets=LATENCY_BUCKETS,
+)
+TTFT = Histogram(
+    "llm_gateway_time_to_first_token_seconds",
+    "Time to the first streamed data event.",
+    ["model", "provider"],
+    buckets=TTFT_BUCKETS,
+)
+UPSTREAM_REQUESTS = Counter(
+    "llm_gateway_upstream_requests",
+    "Upstream attempts by outcome.",
+    ["provider", "upstream_model", "outcome"],
+)
+FALLBACKS = Counter(
+    "llm_gateway_fallbacks",
+    "Moves from one target to the next.",
+    ["model", "from_provider", "to_provider"],
+)
+TOKENS = Counter("llm_gateway_tokens", "Tokens used.", ["team", "model", "kind"])
+COST = Counter("llm_gateway_cost_usd", "Spend in USD.", ["team", "model"])
+CACHE_REQUESTS = Counter("llm_gateway_cache_requests", "Cache lookups by result.", ["result"])
+RATE_LIMITED = Counter("llm_gateway_rate_limited", "Requests refused by a limit.", ["team", "limit"])
+IN_FLIGHT = Gauge("llm_gateway_in_flight_requests", "Requests being served.", multiprocess_mode="livesum")
+CIRCUIT_OPEN = Gauge(
+    "llm_gateway_circuit_open",
+    "1 while a target's circuit is open.",
+    ["provider", "upstream_model"],
+    multiprocess_mode="max",
+)
+REDIS_ERRORS = Counter("llm_gateway_redis_errors", "Failed state-store operations.", ["operation"])

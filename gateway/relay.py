@@ -1,0 +1,292 @@
+"""One upstream attempt, and the relay of its answer to the client.
+
+Non-stream: the upstream body is read whole and returned byte for byte. Stream: the attempt reads
+until the first *data* event (comments such as ``: keep-alive`` are held back), so an error or a
+timeout up to that point can still fall back; then the response starts and every upstream chunk is
+written as it arrives while ``SSEScanner`` notes usage and errors on the side.
+
+Timeouts use one ``Watchdog`` per attempt: a single loop timer whose deadline moves by a plain
+attribute store when a data event arrives (no timer churn per chunk). When it fires it cancels the
+request task and records why; comment lines never move it, so keep-alives cannot hold a dead stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.context import RequestContext, Usage
+from gateway.errors import PassThroughError, normalize_upstream_error, sse_error_event
+from gateway.routing import AttemptFailed, Target
+from gateway.sse import SSEScanner
+
+MAX_UPSTREAM_BODY = 32 * 1024 * 1024
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx and friends: do not buffer this response
+}
+
+
+class Watchdog:
+    __slots__ = ("_at", "_handle", "_loop", "_task", "deadline", "expired", "reason")
+
+    def __init__(self, deadline: float, reason: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.deadline, self.reason = deadline, reason
+        self.expired: str | None = None
+        self._at = deadline
+        self._handle = self._loop.call_at(deadline, self._fire)
+
+    def move(self, deadline: float, reason: str) -> None:
+        self.deadline, self.reason = deadline, reason
+        if deadline < self._at:  # only an earlier deadline needs a new timer
+            self._handle.cancel()
+            self._at = deadline
+            self._handle = self._loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        if self._loop.time() < self.deadline:
+            self._at = self.deadline
+            self._handle = self._loop.call_at(self.deadline, self._fire)
+            return
+        self.expired = self.reason
+        self._task.cancel()
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def absorb(self) -> bool:
+        """In an ``except CancelledError``: True (and the cancel is undone) if this watchdog fired."""
+        if self.expired is None:
+            return False
+        self._task.uncancel()
+        return True
+
+
+def upstream_payload(ctx: RequestContext, target: Target) -> bytes:
+    """The client's body with only ``model`` (and, if the gateway needs usage, include_usage) changed."""
+    body = dict(ctx.body)
+    body["model"] = target.model
+    if ctx.added_include_usage:
+        options = body.get("stream_options")
+        body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+    return orjson.dumps(body)
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _fail_on_status(target: Target, resp: aiohttp.ClientResponse) -> None:
+    """Raise the right failure for a non-200 upstream answer (its body already read or not)."""
+    status = resp.status
+    body = await resp.content.read(64 * 1024)
+    if status in target.provider.fallback_statuses or status >= 500 or 300 <= status < 400:
+        if status in (401, 403):
+            message = f"provider {target.provider.name} rejected the gateway's credentials (HTTP {status})"
+        else:
+            message = f"{target.provider.name} returned HTTP {status}"
+        raise AttemptFailed(f"status_{status}", message, retry_after=_retry_after(resp.headers))
+    raise PassThroughError(normalize_upstream_error(status, body), status=status)
+
+
+def _connection_failure(target: Target, exc: BaseException) -> AttemptFailed:
+    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+        return AttemptFailed("timeout", f"connect to {target.provider.name} timed out", timeout=True)
+    return AttemptFailed("connect_error", f"cannot reach {target.provider.name} ({type(exc).__name__})")
+
+
+@dataclass(slots=True)
+class Unary:
+    status: int
+    body: bytes
+    parsed: dict[str, Any]
+
+
+async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary:
+    t = target.provider.timeouts
+    start = asyncio.get_running_loop().time()
+    total = start + t.total
+    wd = Watchdog(min(start + t.first_byte, total), "first_byte")
+    resp: aiohttp.ClientResponse | None = None
+    try:
+        resp = await target.provider.post(path, upstream_payload(ctx, target), stream=False)
+        wd.move(total, "total")
+        if resp.status != 200:
+            await _fail_on_status(target, resp)
+        body = await resp.content.read(MAX_UPSTREAM_BODY + 1)
+    except asyncio.CancelledError:
+        if wd.absorb():
+            raise AttemptFailed(
+                "timeout",
+                f"{target.provider.name}: no answer within {wd.expired} timeout",
+                timeout=True,
+            ) from None
+        raise
+    except aiohttp.ClientError as exc:
+        raise _connection_failure(target, exc) from None
+    finally:
+        wd.stop()
+        if resp is not None:
+            resp.release()
+    if len(body) > MAX_UPSTREAM_BODY:
+        raise AttemptFailed("too_large", f"{target.provider.name} answer exceeds {MAX_UPSTREAM_BODY} bytes")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise AttemptFailed("bad_response", f"{target.provider.name} returned a non-JSON body") from None
+    if not isinstance(parsed, dict):
+        raise AttemptFailed("bad_response", f"{target.provider.name} returned a non-object body")
+    if parsed.get("error") and "choices" not in parsed and "data" not in parsed:
+        # OpenRouter can report an upstream failure inside a 200 body.
+        raise AttemptFailed("body_error", f"{target.provider.name} reported an error in a 200 body")
+    ctx.usage = Usage.from_json(parsed.get("usage"))
+    return Unary(resp.status, body, parsed)
+
+
+@dataclass(slots=True)
+class OpenStream:
+    resp: aiohttp.ClientResponse
+    scanner: SSEScanner
+    head: bytes  # everything read up to and including the first data event
+    watchdog: Watchdog
+    total_deadline: float
+    idle: float
+
+
+async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
+    t = target.provider.timeouts
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    total = start + t.total
+    wd = Watchdog(min(start + t.first_byte, total), "first_byte")
+    resp: aiohttp.ClientResponse | None = None
+    try:
+        resp = await target.provider.post("/chat/completions", upstream_payload(ctx, target), stream=True)
+        if resp.status != 200:
+            await _fail_on_status(target, resp)
+        if not resp.content_type.startswith("text/event-stream"):
+            body = await resp.content.read(64 * 1024)
+            raise AttemptFailed(
+                "bad_response",
+                f"{target.provider.name} answered a stream request with {resp.content_type}"
+                + (" (an error)" if b'"error"' in body else ""),
+            )
+        scanner = SSEScanner(strip_usage=ctx.added_include_usage)
+        head: list[bytes] = []
+        while not scanner.data_events:
+            chunk = await resp.content.readany()
+            if not chunk:
+                head.append(scanner.finish())
+                break
+            head.append(scanner.feed(chunk))
+        if scanner.error is not None:
+            raise AttemptFailed(
+                "stream_error",
+                f"{target.provider.name} sent an error event: {str(scanner.error.get('message', ''))[:200]}",
+            )
+        if not scanner.data_events:
+            raise AttemptFailed("empty_stream", f"{target.provider.name} closed the stream without data")
+    except asyncio.CancelledError:
+        _close(resp)
+        wd.stop()
+        if wd.absorb():
+            raise AttemptFailed(
+                "timeout",
+                f"{target.provider.name}: no first token within the {wd.expired} timeout",
+                timeout=True,
+            ) from None
+        raise
+    except aiohttp.ClientError as exc:
+        _close(resp)
+        wd.stop()
+        raise _connection_failure(target, exc) from None
+    except BaseException:
+        _close(resp)
+        wd.stop()
+        raise
+    now = loop.time()
+    ctx.ttft = time.perf_counter() - ctx.started
+    wd.move(min(now + t.idle, total), "idle" if now + t.idle < total else "total")
+    return OpenStream(resp, scanner, b"".join(head), wd, total, t.idle)
+
+
+def _close(resp: aiohttp.ClientResponse | None) -> None:
+    if resp is not None:
+        resp.close()  # drop the connection: an unread body must not go back to the pool
+
+
+async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream) -> web.StreamResponse:
+    """Write the stream to the client as it arrives. Failures after this point become SSE errors."""
+    response = web.StreamResponse(headers={**SSE_HEADERS, **ctx.response_headers})
+    loop = asyncio.get_running_loop()
+    scanner, wd, content = up.scanner, up.watchdog, up.resp.content
+    failure: str | None = None
+    try:
+        await response.prepare(request)
+        await response.write(up.head)
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                tail = scanner.finish()
+                if tail:
+                    await response.write(tail)
+                break
+            seen = scanner.data_events
+            out = scanner.feed(chunk)
+            if scanner.data_events != seen:
+                deadline = loop.time() + up.idle
+                if deadline < up.total_deadline:
+                    wd.deadline, wd.reason = deadline, "idle"
+                else:
+                    wd.move(up.total_deadline, "total")
+            if out:
+                await response.write(out)
+        if scanner.error is not None:
+            failure = "upstream_stream_error"
+        elif not scanner.done:
+            failure = "upstream_incomplete"
+            await response.write(
+                sse_error_event("the upstream stream ended before completion", code="upstream_incomplete")
+            )
+    except asyncio.CancelledError:
+        if not wd.absorb():
+            raise  # the client went away: the finally below frees the upstream connection
+        failure = f"upstream_{wd.expired}_timeout"
+        await response.write(
+            sse_error_event(
+                f"the upstream sent no data within the {wd.expired} timeout",
+                code="upstream_timeout",
+            )
+        )
+    except ConnectionResetError:
+        raise  # our write to a client that left
+    except aiohttp.ClientError:
+        failure = "upstream_connection_lost"
+        await response.write(
+            sse_error_event("the upstream connection was lost mid-stream", code="upstream_connection_lost")
+        )
+    finally:
+        wd.stop()
+        up.resp.close()
+        ctx.usage = Usage.from_json(scanner.usage) or ctx.usage
+    ctx.error = failure
+    await response.write_eof()
+    return response

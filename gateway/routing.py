@@ -1,0 +1,212 @@
+"""Targets, circuit breakers, retries with backoff, and fallback along a model's target list.
+
+A request walks its model's targets in order, skipping those whose circuit is open. Each target gets
+``1 + routing.retries`` attempts with exponential backoff and jitter (honouring ``Retry-After`` up to
+a cap). An attempt either returns, raises ``AttemptFailed`` (try again / fall back), or raises a
+``GatewayError`` meant for the client (an upstream 4xx such as a bad parameter), which ends the walk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import structlog
+
+from gateway import metrics
+from gateway.config import Config, ModelConfig, RoutingConfig
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
+from gateway.providers import Provider
+
+log = structlog.get_logger("gateway.routing")
+T = TypeVar("T")
+
+
+class AttemptFailed(Exception):
+    """An attempt that may be retried or fallen back from (nothing reached the client yet)."""
+
+    def __init__(
+        self, outcome: str, message: str, *, retry_after: float | None = None, timeout: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome  # a bounded label: "status_500", "timeout", "connect_error", ...
+        self.message = message
+        self.retry_after = retry_after
+        self.timeout = timeout
+
+
+class CircuitBreaker:
+    """Closed → (``failures`` consecutive failures) → open for ``cooldown`` → one trial → closed/open."""
+
+    __slots__ = ("cooldown", "failures", "gauge", "on_change", "open_until", "threshold", "trial")
+
+    def __init__(self, threshold: int, cooldown: float, gauge: metrics.Gauge | None = None) -> None:
+        self.threshold, self.cooldown = threshold, cooldown
+        self.failures = 0
+        self.open_until = 0.0
+        self.trial = False
+        self.gauge = gauge
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold and (self.trial or time.monotonic() < self.open_until)
+
+    def allow(self) -> bool:
+        if self.failures < self.threshold:
+            return True
+        if self.trial or time.monotonic() < self.open_until:
+            return False
+        self.trial = True  # half-open: this caller is the one trial
+        return True
+
+    def success(self) -> None:
+        if self.failures >= self.threshold and self.gauge is not None:
+            self.gauge.set(0)
+        self.failures = 0
+        self.trial = False
+
+    def failure(self) -> bool:
+        """Record a failure; return True if this opened (or re-opened) the circuit."""
+        self.failures += 1
+        self.trial = False
+        if self.failures >= self.threshold:
+            self.open_until = time.monotonic() + self.cooldown
+            if self.gauge is not None:
+                self.gauge.set(1)
+            return True
+        return False
+
+    def release(self) -> None:
+        """The trial ended without a verdict (the client left): let the next caller try."""
+        self.trial = False
+
+
+@dataclass(slots=True)
+class Target:
+    provider: Provider
+    model: str
+    breaker: CircuitBreaker
+    # Metric children bound once per label set, not resolved per request.
+    outcomes: dict[str, metrics.Counter] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider.name}/{self.model}"
+
+
+@dataclass(slots=True)
+class Route:
+    model: ModelConfig
+    targets: tuple[Target, ...]
+
+
+class Router:
+    def __init__(self, config: Config, providers: Mapping[str, Provider]) -> None:
+        self.settings: RoutingConfig = config.routing
+        cb = config.routing.circuit_breaker
+        self.routes: dict[str, Route] = {}
+        for model in config.models:
+            targets = [t for t in model.targets if config.provider(t.provider).configured]
+            if not targets and config.routing.unconfigured_provider:
+                fallback = config.routing.unconfigured_provider
+                targets = [type(t)(fallback, t.model) for t in model.targets[:1]]
+                log.warning(
+                    "model_routes_to_mock",
+                    model=model.name,
+                    provider=fallback,
+                    reason="no API key set for any of its providers",
+                )
+            self.routes[model.name] = Route(
+                model,
+                tuple(
+                    Target(
+                        providers[t.provider],
+                        t.model,
+                        CircuitBreaker(
+                            cb.failures,
+                            cb.cooldown_seconds,
+                            metrics.CIRCUIT_OPEN.labels(t.provider, t.model),
+                        ),
+                    )
+                    for t in targets
+                ),
+            )
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        s = self.settings
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), s.retry_after_cap_seconds)
+        base = min(s.backoff_seconds * float(2**attempt), s.max_backoff_seconds)
+        return base * (0.5 + random.random() / 2)  # jitter: 50-100 % of the exponential step
+
+    async def run(self, ctx: RequestContext, attempt: Callable[[Target], Awaitable[T]]) -> T:
+        route = self.routes[ctx.model.name]
+        last: AttemptFailed | None = None
+        previous: Target | None = None
+        for target in route.targets:
+            if not target.breaker.allow():
+                continue
+            if previous is not None:
+                metrics.FALLBACKS.labels(ctx.model.name, previous.provider.name, target.provider.name).inc()
+            previous = target
+            ctx.provider, ctx.upstream_model = target.provider.name, target.model
+            for n in range(self.settings.retries + 1):
+                if n:
+                    await asyncio.sleep(self.backoff(n - 1, last.retry_after if last else None))
+                ctx.attempts += 1
+                try:
+                    result = await attempt(target)
+                except AttemptFailed as failure:
+                    last = failure
+                    _upstream_outcome(target, failure.outcome)
+                    log.info(
+                        "upstream_attempt_failed",
+                        provider=target.provider.name,
+                        upstream_model=target.model,
+                        outcome=failure.outcome,
+                        attempt=ctx.attempts,
+                    )
+                    if target.breaker.failure():
+                        log.warning(
+                            "circuit_open",
+                            provider=target.provider.name,
+                            upstream_model=target.model,
+                            cooldown_seconds=target.breaker.cooldown,
+                        )
+                        break
+                    continue
+                except GatewayError:
+                    # The upstream answered, but the request itself is at fault: no retry, no penalty.
+                    target.breaker.success()
+                    _upstream_outcome(target, "client_error")
+                    raise
+                except BaseException:
+                    target.breaker.release()
+                    raise
+                _upstream_outcome(target, "success")
+                if target.breaker.failures >= target.breaker.threshold:
+                    log.info("circuit_closed", provider=target.provider.name, upstream_model=target.model)
+                target.breaker.success()
+                return result
+        if last is None:
+            raise ServiceUnavailable(
+                f"no upstream available for model {ctx.model.name!r}: every target's circuit is open",
+                code="no_available_target",
+            )
+        if last.timeout:
+            raise UpstreamError(f"upstream timed out ({last.message})", status=504, code="upstream_timeout")
+        raise UpstreamError(f"all upstream targets failed; last error: {last.message}", code="upstream_error")
+
+
+def _upstream_outcome(target: Target, outcome: str) -> None:
+    child = target.outcomes.get(outcome)
+    if child is None:
+        child = target.outcomes[outcome] = metrics.UPSTREAM_REQUESTS.labels(
+            target.provider.name, target.model, outcome
+        )
+    child.inc()

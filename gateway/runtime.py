@@ -1,0 +1,28 @@
+"""The running gateway's state, reachable from handlers through typed ``web.AppKey``s."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.context import RequestContext
+from gateway.providers import Provider
+from gateway.routing import Router
+
+
+@dataclass(slots=True)
+class Gateway:
+    config: Config
+    providers: dict[str, Provider]
+    router: Router
+    models_body: bytes = b""
+    ready: bool = False  # providers started
+    draining: bool = False  # SIGTERM received: finishing in-flight work
+    mock_url: str | None = field(default=None)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+REQUEST_ID = web.RequestKey("llmgw_request_id", str)
+CONTEXT = web.RequestKey("llmgw_context", RequestContext)

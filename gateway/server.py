@@ -1,0 +1,195 @@
+"""``build_app(config)``: routes, the one edge middleware, and the resources opened at start-up.
+
+The edge middleware is the single place where a request gets its id, where every error becomes
+OpenAI's JSON shape, and where the access line and request metrics are written (once per request).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway import metrics
+from gateway.api import health, openai
+from gateway.config import Config
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, InvalidRequest, NotFound, RequestTooLarge, error_body
+from gateway.providers import Provider, create
+from gateway.providers import mock as mock_upstream
+from gateway.routing import Router
+from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
+
+log = structlog.get_logger("gateway")
+access = structlog.get_logger("gateway.access")
+
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_PREFIX = os.urandom(4).hex()
+_counter = itertools.count(1)
+_LOGGED = ("/v1/", "/admin/", "/api/")
+
+
+def new_request_id() -> str:
+    # A random per-process prefix and a counter: unique, and far cheaper than uuid4 on the hot path.
+    return f"req_{_PREFIX}{next(_counter):08x}"
+
+
+class _RequestMetrics:
+    """Request counters and histograms with label children bound once per label set."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str, int, str], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
+        self._ttft: dict[tuple[str, str], Any] = {}
+
+    def observe(
+        self, model: str, provider: str, status: int, team: str, elapsed: float, ttft: float | None
+    ) -> None:
+        key = (model, provider, status, team)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = metrics.REQUESTS.labels(model, provider, str(status), team)
+        counter.inc()
+        pair = (model, provider)
+        hist = self._durations.get(pair)
+        if hist is None:
+            hist = self._durations[pair] = metrics.REQUEST_DURATION.labels(model, provider)
+        hist.observe(elapsed)
+        if ttft is not None:
+            t = self._ttft.get(pair)
+            if t is None:
+                t = self._ttft[pair] = metrics.TTFT.labels(model, provider)
+            t.observe(ttft)
+
+
+_request_metrics = _RequestMetrics()
+
+
+def _http_error(exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RequestTooLarge("request body too large")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("unknown endpoint", code="unknown_endpoint")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return InvalidRequest(f"method {exc.method} not allowed here", status=405, code="method_not_allowed")
+    return GatewayError(exc.reason, status=exc.status)
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request.headers.get("x-request-id")
+    if rid is None or not _REQUEST_ID_OK.fullmatch(rid):
+        rid = new_request_id()
+    request[REQUEST_ID] = rid
+    started = time.perf_counter()
+    status = 500
+    metrics.IN_FLIGHT.inc()
+    try:
+        try:
+            response = await handler(request)
+        except GatewayError as exc:
+            response = exc.to_response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _http_error(exc).to_response()
+        except Exception:
+            # Never a stack trace to the client; the log line carries the request id to find it.
+            log.exception("unhandled_error", request_id=rid, path=request.path)
+            response = web.Response(
+                status=500,
+                content_type="application/json",
+                body=error_body("internal error", "server_error", "internal_error"),
+            )
+        status = response.status
+        if not response.prepared:
+            response.headers["x-request-id"] = rid
+        return response
+    finally:
+        metrics.IN_FLIGHT.dec()
+        if request.path.startswith(_LOGGED):
+            _finish(request, rid, status, time.perf_counter() - started)
+
+
+def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None:
+    """The one access line and the request metrics, written once per request."""
+    ctx: RequestContext | None = request.get(CONTEXT)
+    if ctx is None:
+        access.info(
+            "request",
+            request_id=rid,
+            method=request.method,
+            path=request.path,
+            status=status,
+            latency_ms=round(elapsed * 1000, 2),
+        )
+        return
+    if ctx.error is not None and status == 200:
+        status = 502  # a stream that failed after it started: count it as the failure it was
+    usage = ctx.usage
+    _request_metrics.observe(
+        ctx.model.name, ctx.provider or "none", status, ctx.team or "none", elapsed, ctx.ttft
+    )
+    access.info(
+        "request",
+        request_id=rid,
+        path=request.path,
+        team=ctx.team,
+        model=ctx.model.name,
+        provider=ctx.provider,
+        upstream_model=ctx.upstream_model,
+        status=status,
+        stream=ctx.stream,
+        attempts=ctx.attempts,
+        latency_ms=round(elapsed * 1000, 2),
+        ttft_ms=None if ctx.ttft is None else round(ctx.ttft * 1000, 2),
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        cache=ctx.cache,
+        error=ctx.error,
+    )
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    mock_runner = None
+    if any(p.config.type == "mock" and not p.config.base_url for p in gw.providers.values()):
+        mock_runner, gw.mock_url = await mock_upstream.start()
+        for p in gw.providers.values():
+            if p.config.type == "mock" and not p.config.base_url:
+                p.base_url = gw.mock_url
+        log.info("mock_upstream_started", url=gw.mock_url)
+    for provider in gw.providers.values():
+        await provider.start()
+    gw.ready = True
+    yield
+    gw.ready = False
+    for provider in gw.providers.values():
+        await provider.close()
+    if mock_runner is not None:
+        await mock_runner.cleanup()
+
+
+def build_app(config: Config) -> web.Application:
+    providers: dict[str, Provider] = {p.name: create(p) for p in config.providers}
+    router = Router(config, providers)
+    gw = Gateway(
+        config=config,
+        providers=providers,
+        router=router,
+        models_body=openai.models_body([m.name for m in config.models]),
+    )
+    # The body limit is enforced by read_json with a clear 413; aiohttp's own cap sits just above it.
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1, middlewares=[edge])
+    app[GATEWAY] = gw
+    app.cleanup_ctx.append(_resources)
+    openai.add_routes(app)
+    health.add_routes(app)
+    return app

@@ -1,0 +1,116 @@
+"""Incremental server-sent-events scanner for relayed streams.
+
+Bytes go in as the upstream sends them; the scanner notes what the gateway needs (data-event count
+for the idle timeout, ``usage``, an ``error`` event, ``[DONE]``) and returns the bytes to forward.
+In pass-through mode it returns each chunk untouched (the same object). In strip mode — used when
+the gateway itself asked for ``stream_options.include_usage`` — it forwards whole events and drops
+the usage-only chunk (``"choices": []``) so the client sees exactly what it asked for.
+
+Only events that mention ``"usage"`` or ``"error"`` are JSON-decoded; the rest are just counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_DATA = b"data:"
+_DONE = b"[DONE]"
+
+
+class SSEScanner:
+    __slots__ = (
+        "_data",
+        "_dropped",
+        "_held",
+        "_pending",
+        "data_events",
+        "done",
+        "error",
+        "strip_usage",
+        "usage",
+    )
+
+    def __init__(self, *, strip_usage: bool = False) -> None:
+        self.strip_usage = strip_usage
+        self.data_events = 0
+        self.done = False
+        self.usage: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self._pending = b""  # an incomplete trailing line
+        self._data: list[bytes] = []  # data lines of the event being read
+        self._held: list[bytes] = []  # strip mode: raw lines of the event being read
+        self._dropped = False  # strip mode: the event that just ended is the usage-only chunk
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        lines = data.split(b"\n")
+        self._pending = lines.pop()
+        if not self.strip_usage:
+            for line in lines:
+                self._line(line)
+            return chunk
+        out: list[bytes] = []
+        for line in lines:
+            self._held.append(line)
+            if self._line(line):  # an event just ended: forward or drop it
+                if not self._dropped:
+                    out.append(b"\n".join(self._held) + b"\n")
+                self._held = []
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """At end of stream: dispatch a final event that had no trailing blank line."""
+        tail = self._pending
+        self._pending = b""
+        if tail:
+            self._held.append(tail)
+            self._line(tail)
+        self._dropped = False
+        if self._data:
+            self._dispatch()
+        if not self.strip_usage:
+            return b""
+        held, self._held = self._held, []
+        if self._dropped or not held:
+            return b""
+        return b"\n".join(held) + (b"" if tail else b"\n")
+
+    def _line(self, line: bytes) -> bool:
+        """Note one line; return True when it ends an event (a blank line)."""
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            self._dropped = False
+            if self._data:
+                self._dispatch()
+            return True
+        if line.startswith(_DATA):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(b" ") else value)
+        return False
+
+    def _dispatch(self) -> None:
+        payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data = []
+        self.data_events += 1
+        if payload == _DONE:
+            self.done = True
+            return
+        if b'"usage"' not in payload and b'"error"' not in payload:
+            return
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(event, dict):
+            return
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            if self.strip_usage and not event.get("choices"):
+                self._dropped = True
+        error = event.get("error")
+        if error and self.error is None:
+            self.error = error if isinstance(error, dict) else {"message": str(error)}

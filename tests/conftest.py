@@ -1,0 +1,139 @@
+"""Shared fixtures: the project's mock upstream and the gateway, both real servers on loopback.
+
+``make_gateway(cfg)`` builds a gateway from a config dict (see ``base_config``) and starts it on a
+free port; ``gw.client()`` is an ``openai.AsyncOpenAI`` pointed at it. Log lines written while a
+test runs are captured in ``gw.logs`` (a BytesIO of JSON lines).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway import config as config_mod
+from gateway import logging as gw_logging
+from gateway.providers import mock
+from gateway.runtime import GATEWAY, Gateway
+from gateway.server import build_app
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PROVIDER_KEY = "sk-provider-secret-0123456789abcdef"
+
+
+@dataclass
+class Upstream:
+    server: TestServer
+    app: web.Application
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    @property
+    def state(self) -> mock.MockState:
+        return self.app[mock.STATE]
+
+
+@dataclass
+class RunningGateway:
+    server: TestServer
+    app: web.Application
+    logs: io.BytesIO
+    clients: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    @property
+    def root(self) -> str:
+        return str(self.server.make_url(""))
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    def client(self, api_key: str = "client-key", **kw: Any) -> openai.AsyncOpenAI:
+        """An async SDK client for this gateway (closed when the test ends)."""
+        client = openai.AsyncOpenAI(base_url=self.url, api_key=api_key, max_retries=0, **kw)
+        self.clients.append(client)
+        return client
+
+    def sync_client(self, api_key: str = "client-key", **kw: Any) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, **kw)
+        self.clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            if isinstance(client, openai.AsyncOpenAI):
+                await client.close()
+            else:
+                client.close()
+        await self.server.close()
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.logs.getvalue().splitlines() if line.strip()]
+
+
+def base_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """A config dict with one mock provider at ``upstream_url`` and a model ``chat`` routed to it."""
+    cfg: dict[str, Any] = {
+        "providers": [
+            {
+                "name": "primary",
+                "type": "openai",
+                "base_url": upstream_url,
+                "api_key": PROVIDER_KEY,
+                "timeouts": {"connect": 2, "first_byte": 5, "idle": 5, "total": 30},
+            }
+        ],
+        "models": [{"name": "chat", "targets": [{"provider": "primary", "model": "mock-chat"}]}],
+        "routing": {"retries": 0, "backoff_seconds": 0.01},
+        "plugins": [],
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    app = mock.build_app()
+    server = await aiohttp_server(app)
+    return Upstream(server, app)
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[RunningGateway]]]:
+    running: list[RunningGateway] = []
+
+    async def start(cfg: dict[str, Any]) -> RunningGateway:
+        logs = io.BytesIO()
+        gw_logging.configure("info", logs, cache=False)
+        config = config_mod.parse(cfg, env={})
+        gw_logging.REDACTOR.set_secrets(config.secrets())
+        app = build_app(config)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        gateway = RunningGateway(server, app, logs)
+        running.append(gateway)
+        return gateway
+
+    yield start
+    while running:
+        await running.pop().close()
+
+
+@pytest.fixture
+async def gw(upstream: Upstream, make_gateway: Callable[..., Awaitable[RunningGateway]]) -> RunningGateway:
+    """A gateway with the default test config in front of the mock upstream."""
+    return await make_gateway(base_config(upstream.url))
