@@ -19,7 +19,8 @@ import yaml
 PROVIDER_TYPES = ("openrouter", "deepseek", "openai", "mock")
 # Provider types that cannot work without a key: with an empty key they count as "unconfigured".
 KEYED_PROVIDER_TYPES = ("openrouter", "deepseek")
-DEFAULT_PLUGINS = ("auth", "rate_limit", "quota", "cache")
+KNOWN_PLUGINS = ("auth", "rate_limit", "quota")
+DEFAULT_PLUGINS = ("auth", "rate_limit", "quota")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -93,10 +94,25 @@ class Budgets:
 @dataclass(frozen=True, slots=True)
 class TeamConfig:
     id: str
-    key_hashes: tuple[str, ...] = ()
+    key_hashes: tuple[str, ...] = field(default=(), repr=False)
     models: tuple[str, ...] | None = None
     limits: Limits = Limits()
     budgets: Budgets = Budgets()
+    model_limits: Mapping[str, Limits] = field(default_factory=dict)  # per team+model
+
+    def public(self) -> dict[str, Any]:
+        """The team as the admin API shows it: the config fields minus api_keys."""
+        return {
+            "id": self.id,
+            "models": list(self.models) if self.models is not None else None,
+            "limits": _present(self.limits),
+            "budgets": _present(self.budgets),
+            "model_limits": {m: _present(lim) for m, lim in self.model_limits.items()},
+        }
+
+
+def _present(obj: Any) -> dict[str, Any]:
+    return {k: getattr(obj, k) for k in obj.__slots__ if getattr(obj, k) is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +144,16 @@ class ServerConfig:
 class RedisConfig:
     url: str = field(repr=False)
     prefix: str = "llmgw"
+    timeout_seconds: float = 0.5
+    # While Redis is unreachable: rate limits fail open (a local per-instance limiter takes over),
+    # budgets fail closed (503) unless these say otherwise.
+    fail_open_limits: bool = True
+    fail_open_budgets: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitingConfig:
+    default_max_tokens: int = 1024  # reserved for completion when a request sets no max_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +183,7 @@ class Config:
     cache: CacheConfig = CacheConfig()
     jwt: JwtConfig | None = None
     master_key_hash: str | None = field(default=None, repr=False)
+    rate_limiting: RateLimitingConfig = RateLimitingConfig()
     plugins: tuple[str, ...] = DEFAULT_PLUGINS
     source: str = "<memory>"
 
@@ -338,8 +365,33 @@ def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
     return ModelConfig(r.get("name", str, "", required=True), tuple(targets), pricing, window or None)
 
 
+def _limits(r: _Reader) -> Limits:
+    r.known("rpm", "tpm", "max_parallel")
+    none: int | None = None
+    limits = Limits(r.get("rpm", int, none), r.get("tpm", int, none), r.get("max_parallel", int, none))
+    for name in ("rpm", "tpm", "max_parallel"):
+        value = getattr(limits, name)
+        if value is not None and value < 1:
+            r.problem(name, "must be at least 1 (omit it for no limit)")
+    return limits
+
+
+def parse_team(data: Any, model_names: set[str], *, path: str = "", with_keys: bool = False) -> TeamConfig:
+    """Validate one team (a ``teams`` entry, or an admin API body); raise ConfigError on problems."""
+    problems: list[str] = []
+    r = _Reader(data, path, problems)
+    if not with_keys and "api_keys" in r.data:
+        r.problem("api_keys", "keys are created with POST /admin/keys, not set on a team")
+    team = _team(r, model_names)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", team.id or "-"):
+        r.problem("id", "must be 1-64 letters, digits, '.', '_' or '-'")
+    if problems:
+        raise ConfigError(problems)
+    return team
+
+
 def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
-    r.known("id", "api_keys", "models", "limits", "budgets")
+    r.known("id", "api_keys", "models", "limits", "budgets", "model_limits")
     hashes = []
     for i, key in enumerate(r.strings("api_keys") or ()):
         if key.startswith("sha256:"):
@@ -353,8 +405,12 @@ def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
     for m in models or ():
         if m not in model_names:
             r.problem("models", f"unknown model {m!r}")
-    lim = r.child("limits")
-    lim.known("rpm", "tpm", "max_parallel")
+    per_model = {}
+    ml = r.child("model_limits")
+    for m in ml.data:
+        if m not in model_names:
+            ml.problem(str(m), "unknown model")
+        per_model[str(m)] = _limits(ml.child(str(m)))
     bud = r.child("budgets")
     bud.known("daily_usd", "monthly_usd", "daily_tokens", "monthly_tokens")
     none_i: int | None = None
@@ -363,11 +419,8 @@ def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
         id=r.get("id", str, "", required=True),
         key_hashes=tuple(hashes),
         models=models,
-        limits=Limits(
-            lim.get("rpm", int, none_i),
-            lim.get("tpm", int, none_i),
-            lim.get("max_parallel", int, none_i),
-        ),
+        limits=_limits(r.child("limits")),
+        model_limits=per_model,
         budgets=Budgets(
             bud.get("daily_usd", float, none_f),
             bud.get("monthly_usd", float, none_f),
@@ -445,6 +498,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     data = interpolate(raw, os.environ if env is None else env, "", problems)
     root = _Reader(data, "", problems)
     root.known(
+        "rate_limiting",
         "server",
         "redis",
         "providers",
@@ -487,9 +541,15 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
 
     redis = None
     rc = root.child("redis")
-    rc.known("url", "prefix")
+    rc.known("url", "prefix", "timeout_seconds", "fail_open_limits", "fail_open_budgets")
     if rc.get("url", str, ""):
-        redis = RedisConfig(url=rc.get("url", str, ""), prefix=rc.get("prefix", str, "llmgw"))
+        redis = RedisConfig(
+            url=rc.get("url", str, ""),
+            prefix=rc.get("prefix", str, "llmgw"),
+            timeout_seconds=rc.get("timeout_seconds", float, 0.5),
+            fail_open_limits=rc.get("fail_open_limits", bool, True),
+            fail_open_budgets=rc.get("fail_open_budgets", bool, False),
+        )
         if not redis.url.startswith(("redis://", "rediss://", "unix://")):
             rc.problem("url", "must start with redis://, rediss:// or unix://")
 
@@ -505,9 +565,20 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     adm.known("master_key")
     master = adm.get("master_key", str, "")
 
+    rl = root.child("rate_limiting")
+    rl.known("default_max_tokens")
+    rate_limiting = RateLimitingConfig(rl.get("default_max_tokens", int, 1024))
+
     plugins = root.strings("plugins")
     if plugins is None:
         plugins = DEFAULT_PLUGINS
+    for i, name in enumerate(plugins):
+        if name not in KNOWN_PLUGINS:
+            root.problem(f"plugins[{i}]", f"unknown plugin {name!r} (known: {', '.join(KNOWN_PLUGINS)})")
+        elif name in ("rate_limit", "quota") and "auth" not in plugins[:i]:
+            root.problem(f"plugins[{i}]", f"{name} needs auth before it (limits are per team)")
+    if len(set(plugins)) != len(plugins):
+        root.problem("plugins", "lists a plugin twice")
 
     if problems:
         raise ConfigError(problems)
@@ -522,6 +593,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         jwt=jwt,
         master_key_hash=hash_key(master) if master else None,
         plugins=plugins,
+        rate_limiting=rate_limiting,
         source=source,
     )
 

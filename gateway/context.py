@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import ModelConfig
+
+if TYPE_CHECKING:
+    from multidict import CIMultiDictProxy
+
+    from gateway.auth import Identity
+    from gateway.state.base import Check, Op
 
 
 @dataclass(slots=True)
@@ -46,12 +52,21 @@ class RequestContext:
     request_id: str
     endpoint: str  # "chat" | "embeddings"
     body: dict[str, Any]
-    model: ModelConfig
+    model: ModelConfig  # UNKNOWN_MODEL until the name is found (auth still runs first)
+    headers: CIMultiDictProxy[str]
+    body_size: int = 0
     stream: bool = False
     started: float = field(default_factory=time.perf_counter)
-    # Filled by auth (issue #3) and by the router / relay.
+    # Filled by the plugins (auth, limits) ...
+    identity: Identity | None = None
     team: str | None = None
     key_id: str | None = None
+    checks: list[Check] = field(default_factory=list)  # limits declared, taken in one store call
+    admitted: list[Check] = field(default_factory=list)  # limits taken: settled in finish
+    ops: list[Op] = field(default_factory=list)  # settlement steps plugins add in finish
+    reserved_tokens: int = 0
+    local_admission: bool = False  # limits were taken by the local fallback limiter
+    # ... and by the router / relay.
     provider: str | None = None
     upstream_model: str | None = None
     attempts: int = 0
@@ -64,6 +79,16 @@ class RequestContext:
     error: str | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
 
+    def charged_tokens(self) -> int:
+        """Tokens counted against limits and budgets (a cache hit is free: see the cache docs)."""
+        if self.usage is None or self.cache == "hit":
+            return 0
+        return self.usage.total_tokens
+
     @property
     def model_name(self) -> str:
-        return self.model.name
+        name = self.body.get("model")
+        return name if isinstance(name, str) else ""
+
+
+UNKNOWN_MODEL = ModelConfig(name="unknown", targets=())

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import web
 
+from gateway.logging import REDACTOR
+
 JSON = "application/json"
 
 
@@ -118,6 +120,9 @@ class PassThroughError(GatewayError):
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    # SECURITY: upstream text can end up in a message (an upstream 4xx echoing the credentials it
+    # got): mask every configured secret and key-shaped token, as the log redactor does.
+    message, code, param = REDACTOR.clean([message, code, param])
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
@@ -140,13 +145,13 @@ def normalize_upstream_error(status: int, body: bytes) -> bytes:
     if isinstance(err, dict) and isinstance(err.get("message"), str):
         code = err.get("code")
         return error_body(
-            err["message"][:2000],
+            REDACTOR.clean(err["message"])[:2000],
             str(err.get("type") or _type_for(status)),
             None if code is None else str(code),
             err.get("param") if isinstance(err.get("param"), str) else None,
         )
     if isinstance(err, str):
-        return error_body(err[:2000], _type_for(status))
+        return error_body(REDACTOR.clean(err)[:2000], _type_for(status))
     return error_body(f"upstream returned HTTP {status}", _type_for(status))
 
 

@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.accounting import estimate_prompt_tokens
 from gateway.context import RequestContext, Usage
 from gateway.errors import PassThroughError, normalize_upstream_error, sse_error_event
 from gateway.routing import AttemptFailed, Target
@@ -86,6 +87,20 @@ def upstream_payload(ctx: RequestContext, target: Target) -> bytes:
     return orjson.dumps(body)
 
 
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or its first ``limit + 1`` bytes if it is longer (``read(n)`` alone returns
+    only what has arrived so far, which cuts bodies that come in more than one TCP segment)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await resp.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 def _retry_after(headers: Any) -> float | None:
     value = headers.get("Retry-After")
     try:
@@ -97,13 +112,13 @@ def _retry_after(headers: Any) -> float | None:
 async def _fail_on_status(target: Target, resp: aiohttp.ClientResponse) -> None:
     """Raise the right failure for a non-200 upstream answer (its body already read or not)."""
     status = resp.status
-    body = await resp.content.read(64 * 1024)
     if status in target.provider.fallback_statuses or status >= 500 or 300 <= status < 400:
         if status in (401, 403):
             message = f"provider {target.provider.name} rejected the gateway's credentials (HTTP {status})"
         else:
             message = f"{target.provider.name} returned HTTP {status}"
         raise AttemptFailed(f"status_{status}", message, retry_after=_retry_after(resp.headers))
+    body = await _read_body(resp, 64 * 1024)
     raise PassThroughError(normalize_upstream_error(status, body), status=status)
 
 
@@ -131,7 +146,7 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
         wd.move(total, "total")
         if resp.status != 200:
             await _fail_on_status(target, resp)
-        body = await resp.content.read(MAX_UPSTREAM_BODY + 1)
+        body = await _read_body(resp, MAX_UPSTREAM_BODY)
     except asyncio.CancelledError:
         if wd.absorb():
             raise AttemptFailed(
@@ -286,7 +301,16 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
     finally:
         wd.stop()
         up.resp.close()
-        ctx.usage = Usage.from_json(scanner.usage) or ctx.usage
+        ctx.usage = Usage.from_json(scanner.usage) or _partial_usage(ctx, scanner)
     ctx.error = failure
     await response.write_eof()
     return response
+
+
+def _partial_usage(ctx: RequestContext, scanner: SSEScanner) -> Usage:
+    """No usage chunk arrived (cut, timeout or disconnect): charge what was relayed.
+
+    The prompt is estimated from the body size; each relayed content event counts as one completion
+    token (how OpenAI-compatible upstreams stream), minus the role-only first event.
+    """
+    return Usage(estimate_prompt_tokens(ctx.body_size), max(0, scanner.data_events - 1))

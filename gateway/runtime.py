@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.context import RequestContext
+from gateway.pipeline import Pipeline
 from gateway.providers import Provider
 from gateway.routing import Router
+from gateway.state.base import Store
 
 
 @dataclass(slots=True)
@@ -17,10 +20,17 @@ class Gateway:
     config: Config
     providers: dict[str, Provider]
     router: Router
+    store: Store
+    auth: Authenticator
+    pipeline: Pipeline
     models_body: bytes = b""
     ready: bool = False  # providers started
     draining: bool = False  # SIGTERM received: finishing in-flight work
     mock_url: str | None = field(default=None)
+
+    @property
+    def authenticates(self) -> bool:
+        return "auth" in self.config.plugins
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -17,15 +17,30 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+import plugins
 from gateway import metrics
-from gateway.api import health, openai
+from gateway.accounting import cost_usd
+from gateway.api import admin, health, openai, usage
+from gateway.api.openai import gateway_headers
+from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, InvalidRequest, NotFound, RequestTooLarge, error_body
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    RequestTooLarge,
+    ServiceUnavailable,
+    error_body,
+)
+from gateway.pipeline import Limiter, Pipeline, Services
 from gateway.providers import Provider, create
 from gateway.providers import mock as mock_upstream
 from gateway.routing import Router
 from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
+from gateway.state.base import Store, StoreUnavailable
+from gateway.state.memory import MemoryStore
+from gateway.state.redis import RedisStore
 
 log = structlog.get_logger("gateway")
 access = structlog.get_logger("gateway.access")
@@ -48,6 +63,7 @@ class _RequestMetrics:
         self._counters: dict[tuple[str, str, int, str], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
         self._ttft: dict[tuple[str, str], Any] = {}
+        self._spend: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     def observe(
         self, model: str, provider: str, status: int, team: str, elapsed: float, ttft: float | None
@@ -67,6 +83,20 @@ class _RequestMetrics:
             if t is None:
                 t = self._ttft[pair] = metrics.TTFT.labels(model, provider)
             t.observe(ttft)
+
+    def spend(self, team: str, model: str, prompt: int, completion: int, cost: float) -> None:
+        key = (team, model)
+        children = self._spend.get(key)
+        if children is None:
+            children = self._spend[key] = (
+                metrics.TOKENS.labels(team, model, "prompt"),
+                metrics.TOKENS.labels(team, model, "completion"),
+                metrics.COST.labels(team, model),
+            )
+        children[0].inc(prompt)
+        children[1].inc(completion)
+        if cost:
+            children[2].inc(cost)
 
 
 _request_metrics = _RequestMetrics()
@@ -96,6 +126,10 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = await handler(request)
         except GatewayError as exc:
             response = exc.to_response()
+        except StoreUnavailable:
+            response = ServiceUnavailable(
+                "the state store is unavailable; try again shortly", code="state_store_unavailable"
+            ).to_response()
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -110,7 +144,11 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             )
         status = response.status
         if not response.prepared:
-            response.headers["x-request-id"] = rid
+            ctx = request.get(CONTEXT)
+            if ctx is not None:
+                response.headers.update(gateway_headers(ctx))
+            else:
+                response.headers["x-request-id"] = rid
         return response
     finally:
         metrics.IN_FLIGHT.dec()
@@ -119,7 +157,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None:
-    """The one access line and the request metrics, written once per request."""
+    """Settle the request with the plugins, then the one access line and the request metrics."""
     ctx: RequestContext | None = request.get(CONTEXT)
     if ctx is None:
         access.info(
@@ -133,10 +171,22 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None
         return
     if ctx.error is not None and status == 200:
         status = 502  # a stream that failed after it started: count it as the failure it was
+    ctx.status = status
     usage = ctx.usage
+    if usage is not None and ctx.cost_usd is None and ctx.cache != "hit":
+        ctx.cost_usd = cost_usd(ctx.model.pricing, usage)
+    request.app[GATEWAY].pipeline.finish(ctx)
     _request_metrics.observe(
         ctx.model.name, ctx.provider or "none", status, ctx.team or "none", elapsed, ctx.ttft
     )
+    if usage is not None and ctx.cache != "hit":
+        _request_metrics.spend(
+            ctx.team or "none",
+            ctx.model.name,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            ctx.cost_usd or 0.0,
+        )
     access.info(
         "request",
         request_id=rid,
@@ -152,6 +202,7 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None
         ttft_ms=None if ctx.ttft is None else round(ctx.ttft * 1000, 2),
         prompt_tokens=usage.prompt_tokens if usage else None,
         completion_tokens=usage.completion_tokens if usage else None,
+        cost_usd=ctx.cost_usd,
         cache=ctx.cache,
         error=ctx.error,
     )
@@ -175,15 +226,35 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await provider.close()
     if mock_runner is not None:
         await mock_runner.cleanup()
+    await gw.pipeline.drain()
+    await gw.store.close()
 
 
-def build_app(config: Config) -> web.Application:
+def build_store(config: Config) -> Store:
+    if config.redis is None:
+        return MemoryStore()
+    return RedisStore(config.redis.url, config.redis.prefix, timeout=config.redis.timeout_seconds)
+
+
+def build_app(config: Config, store: Store | None = None) -> web.Application:
     providers: dict[str, Provider] = {p.name: create(p) for p in config.providers}
     router = Router(config, providers)
+    store = store if store is not None else build_store(config)
+    auth = Authenticator(config, store)
+    prefix = config.redis.prefix if config.redis else "llmgw"
+    limiter = Limiter(
+        store,
+        fail_open_limits=config.redis.fail_open_limits if config.redis else True,
+        fail_open_budgets=config.redis.fail_open_budgets if config.redis else False,
+    )
+    services = Services(config=config, store=store, auth=auth, prefix=prefix)
     gw = Gateway(
         config=config,
         providers=providers,
         router=router,
+        store=store,
+        auth=auth,
+        pipeline=Pipeline(plugins.build(config.plugins, services), limiter),
         models_body=openai.models_body([m.name for m in config.models]),
     )
     # The body limit is enforced by read_json with a clear 413; aiohttp's own cap sits just above it.
@@ -191,5 +262,7 @@ def build_app(config: Config) -> web.Application:
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources)
     openai.add_routes(app)
+    admin.add_routes(app)
+    usage.add_routes(app)
     health.add_routes(app)
     return app

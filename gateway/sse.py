@@ -64,10 +64,10 @@ class SSEScanner:
         """At end of stream: dispatch a final event that had no trailing blank line."""
         tail = self._pending
         self._pending = b""
+        self._dropped = False  # before the tail: a lone "\r" tail ends (and may drop) the last event
         if tail:
             self._held.append(tail)
             self._line(tail)
-        self._dropped = False
         if self._data:
             self._dispatch()
         if not self.strip_usage:

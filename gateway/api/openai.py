@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.context import RequestContext
+from gateway.context import UNKNOWN_MODEL, RequestContext
 from gateway.errors import InvalidRequest, NotFound, RequestTooLarge
 from gateway.relay import relay_stream, stream_attempt, unary_attempt
 from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
@@ -15,7 +15,7 @@ from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
 JSON = "application/json"
 
 
-async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+async def read_json(request: web.Request, limit: int) -> tuple[dict[str, Any], int]:
     """Read and parse the body once. Oversized bodies are refused before they are read."""
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"request body is {request.content_length} bytes; the limit is {limit}")
@@ -29,10 +29,12 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
         raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-    return body
+    return body, len(raw)
 
 
-def _context(request: web.Request, gw: Gateway, body: dict[str, Any], endpoint: str) -> RequestContext:
+def _context(
+    request: web.Request, gw: Gateway, body: dict[str, Any], size: int, endpoint: str
+) -> RequestContext:
     model = body.get("model")
     if model is None or model == "":
         raise InvalidRequest(
@@ -41,11 +43,19 @@ def _context(request: web.Request, gw: Gateway, body: dict[str, Any], endpoint: 
     if not isinstance(model, str):
         raise InvalidRequest("model must be a string", param="model", code="invalid_type")
     route = gw.router.routes.get(model)
-    if route is None:
-        raise NotFound(f"the model {model!r} does not exist", param="model", code="model_not_found")
-    ctx = RequestContext(request[REQUEST_ID], endpoint, body, route.model)
+    ctx = RequestContext(
+        request[REQUEST_ID], endpoint, body, route.model if route else UNKNOWN_MODEL, request.headers, size
+    )
     request[CONTEXT] = ctx
     return ctx
+
+
+async def _admit(gw: Gateway, ctx: RequestContext) -> web.StreamResponse | None:
+    """Run the plugins (auth first, so an unknown model is only revealed to a caller with a key)."""
+    answer = await gw.pipeline.admit(ctx)
+    if answer is None and not ctx.model.targets:
+        raise NotFound(f"the model {ctx.model_name!r} does not exist", param="model", code="model_not_found")
+    return answer
 
 
 def _validate_chat(body: dict[str, Any]) -> None:
@@ -89,9 +99,12 @@ def gateway_headers(ctx: RequestContext) -> dict[str, str]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    body = await read_json(request, gw.config.server.max_body_bytes)
-    ctx = _context(request, gw, body, "chat")
+    body, size = await read_json(request, gw.config.server.max_body_bytes)
+    ctx = _context(request, gw, body, size, "chat")
     _validate_chat(body)
+    answer = await _admit(gw, ctx)
+    if answer is not None:
+        return answer
     if body.get("stream") is True:
         ctx.stream = True
         options = body.get("stream_options")
@@ -100,13 +113,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         gateway_headers(ctx)
         return await relay_stream(request, ctx, upstream)
     result = await gw.router.run(ctx, lambda target: unary_attempt(ctx, target, "/chat/completions"))
-    return web.Response(body=result.body, content_type=JSON, headers=gateway_headers(ctx))
+    return web.Response(body=result.body, content_type=JSON)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    body = await read_json(request, gw.config.server.max_body_bytes)
-    ctx = _context(request, gw, body, "embeddings")
+    body, size = await read_json(request, gw.config.server.max_body_bytes)
+    ctx = _context(request, gw, body, size, "embeddings")
     value = body.get("input")
     if value is None or value == "" or value == []:
         raise InvalidRequest(
@@ -114,13 +127,20 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         )
     if not isinstance(value, str | list):
         raise InvalidRequest("input must be a string or an array", param="input", code="invalid_type")
+    answer = await _admit(gw, ctx)
+    if answer is not None:
+        return answer
     result = await gw.router.run(ctx, lambda target: unary_attempt(ctx, target, "/embeddings"))
-    return web.Response(body=result.body, content_type=JSON, headers=gateway_headers(ctx))
+    return web.Response(body=result.body, content_type=JSON)
 
 
 async def list_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    return web.Response(body=gw.models_body, content_type=JSON)
+    if not gw.authenticates:
+        return web.Response(body=gw.models_body, content_type=JSON)
+    identity = await gw.auth.identify(request.headers)
+    allowed = [m.name for m in gw.config.models if identity.allows(m.name)]
+    return web.Response(body=models_body(allowed), content_type=JSON)
 
 
 def models_body(names: list[str]) -> bytes:

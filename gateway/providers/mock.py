@@ -14,6 +14,7 @@ Options:
                       with no_data, the stream then only ever sends comments
   processing          OpenRouter's ``: OPENROUTER PROCESSING`` comment before the first chunk
   cut_after=N         drop the connection after N data chunks
+  stall_after=N       after N content chunks, send only ``: keep-alive`` comments, forever
   stream_error        a 200 stream whose first event is an error (OpenRouter style)
   reasoning           DeepSeek-style ``reasoning_content`` in the answer
   cost=X              report ``usage.cost`` (OpenRouter style)
@@ -225,6 +226,7 @@ async def _stream(
     ]
     delay = float(opts.get("chunk_delay", 0))
     cut_after = opts.get("cut_after")
+    stall_after = opts.get("stall_after")
     await resp.write(_chunk(model, {"role": "assistant", "content": ""}))
     if opts.get("reasoning"):
         await resp.write(_chunk(model, {"content": None, "reasoning_content": "Thinking."}))
@@ -233,6 +235,10 @@ async def _stream(
             assert request.transport is not None
             request.transport.abort()
             return resp
+        if stall_after is not None and i >= int(stall_after):
+            while True:  # alive, but no data: only the idle timeout can end this
+                await resp.write(b": keep-alive\n\n")
+                await asyncio.sleep(interval)
         if delay and i:
             await asyncio.sleep(delay)
         await resp.write(_chunk(model, {"content": piece}))

@@ -1,0 +1,42 @@
+"""Token estimates before a request, cost after it, and the calendar windows budgets use (UTC)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from gateway.config import Pricing
+from gateway.context import Usage
+
+
+def estimate_prompt_tokens(body_bytes: int) -> int:
+    # ~4 bytes per token of JSON body: an over-estimate (keys, quoting), which is the safe side
+    # for a reservation that is reconciled with the real usage afterwards.
+    return max(1, body_bytes // 4)
+
+
+def cost_usd(pricing: Pricing, usage: Usage) -> float:
+    """The upstream's own figure when it reports one (OpenRouter ``usage.cost``), else the price table."""
+    if usage.cost_usd is not None:
+        return usage.cost_usd
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    cached_price = (
+        pricing.input_per_mtok if pricing.cached_input_per_mtok is None else pricing.cached_input_per_mtok
+    )
+    return (
+        (usage.prompt_tokens - cached) * pricing.input_per_mtok
+        + cached * cached_price
+        + usage.completion_tokens * pricing.output_per_mtok
+    ) / 1_000_000
+
+
+def windows(now: dt.datetime | None = None) -> tuple[str, str, float, float]:
+    """(day id, month id, seconds to the day's end, seconds to the month's end), in UTC."""
+    now = now or dt.datetime.now(dt.UTC)
+    day_end = dt.datetime(now.year, now.month, now.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
+    month_end = dt.datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=dt.UTC)
+    return (
+        now.strftime("%Y%m%d"),
+        now.strftime("%Y%m"),
+        (day_end - now).total_seconds(),
+        (month_end - now).total_seconds(),
+    )

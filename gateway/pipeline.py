@@ -1,0 +1,205 @@
+"""The plugin pipeline: one ``Plugin`` protocol, built once from ``config.plugins``.
+
+``admit`` runs the plugins in order; one may answer the request itself (return a response) and
+stop the chain, or raise a ``GatewayError``. Limit plugins only *declare* ``Check``s on the context;
+the pipeline takes all declared checks in one store call (one Lua script on Redis) right before the
+first plugin that is not a pure limit plugin, or at the end. ``finish`` runs exactly once per admitted
+request — after success, an upstream error or a client disconnect — and settles every plugin's
+``Op``s in one more store call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import structlog
+from aiohttp import web
+
+from gateway import metrics
+from gateway.auth import Authenticator
+from gateway.config import Config
+from gateway.context import RequestContext
+from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.state.base import Check, Decision, Op, Store, StoreUnavailable
+from gateway.state.memory import MemoryStore
+
+log = structlog.get_logger("gateway.pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What plugins are built with (once, at start-up)."""
+
+    config: Config
+    store: Store
+    auth: Authenticator
+    prefix: str  # namespace of every state-store key
+
+
+class Plugin(Protocol):
+    name: ClassVar[str]
+    # True for plugins whose admit only appends ctx.checks: their checks are batched with the next.
+    declares_checks_only: ClassVar[bool]
+
+    async def admit(self, ctx: RequestContext) -> web.StreamResponse | None: ...
+
+    def finish(self, ctx: RequestContext) -> None:
+        """Append settlement ``Op``s to ``ctx.ops`` (synchronous: the pipeline does the I/O once)."""
+
+
+class Limiter:
+    """Takes declared checks in the store, with the fail-open/closed policy when it is unreachable."""
+
+    def __init__(
+        self, store: Store, *, fail_open_limits: bool = True, fail_open_budgets: bool = False
+    ) -> None:
+        self.store = store
+        self.local = store if isinstance(store, MemoryStore) else MemoryStore()
+        self.fail_open_limits, self.fail_open_budgets = fail_open_limits, fail_open_budgets
+        self.backlog: deque[Sequence[Op]] = deque(maxlen=100_000)  # spend to replay after an outage
+        self._limited: dict[tuple[str, str], metrics.Counter] = {}
+
+    async def enforce(self, ctx: RequestContext) -> None:
+        checks, ctx.checks = ctx.checks, []
+        try:
+            decision = await self.store.admit(checks)
+        except StoreUnavailable:
+            decision = await self._degraded(ctx, checks)
+        _headers(ctx, checks, decision)
+        if decision.failed is not None:
+            self._refuse(ctx, decision)
+        ctx.admitted.extend(checks if not ctx.local_admission else [c for c in checks if c.kind != "budget"])
+
+    async def _degraded(self, ctx: RequestContext, checks: list[Check]) -> Decision:
+        if not self.fail_open_budgets and any(c.kind == "budget" for c in checks):
+            raise ServiceUnavailable(
+                "budgets cannot be checked right now (state store unavailable)",
+                code="state_store_unavailable",
+            )
+        if not self.fail_open_limits:
+            raise ServiceUnavailable(
+                "rate limits cannot be checked right now (state store unavailable)",
+                code="state_store_unavailable",
+            )
+        ctx.local_admission = True
+        return await self.local.admit([c for c in checks if c.kind != "budget"])
+
+    def _refuse(self, ctx: RequestContext, decision: Decision) -> None:
+        failed = decision.failed
+        assert failed is not None
+        key = (ctx.team or "none", failed.label)
+        counter = self._limited.get(key)
+        if counter is None:
+            counter = self._limited[key] = metrics.RATE_LIMITED.labels(*key)
+        counter.inc()
+        headers = dict(ctx.response_headers)
+        if failed.kind == "budget":
+            raise QuotaExceeded(
+                "budget exhausted for this period; it resets at the start of the next UTC day/month",
+                retry_after=decision.retry_after,
+                headers=headers,
+            )
+        if decision.retry_after < 0:
+            raise RateLimited(
+                f"this request needs {int(failed.cost)} tokens, more than the limit of "
+                f"{int(failed.limit)} per minute; lower max_tokens or the prompt size",
+                retry_after=60,
+                headers=headers,
+            )
+        what = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
+        raise RateLimited(
+            f"rate limit reached: {what.get(failed.label, failed.label)} ({int(failed.limit)})",
+            retry_after=decision.retry_after,
+            headers=headers,
+        )
+
+    async def settle(self, ctx: RequestContext) -> None:
+        ops, ctx.ops = ctx.ops, []
+        if not ops:
+            return
+        if ctx.local_admission:
+            local = [o for o in ops if o.kind in ("bucket", "release")]
+            await self.local.settle(local)
+            ops = [o for o in ops if o.kind not in ("bucket", "release")]
+        try:
+            while self.backlog:
+                await self.store.settle(self.backlog[0])
+                self.backlog.popleft()
+            if ops:
+                await self.store.settle(ops)
+        except StoreUnavailable:
+            # Spend and usage are replayed when the store is back: nothing is lost
+            # (a parallel slot left behind expires by itself).
+            if ops:
+                self.backlog.append(ops)
+
+
+def _headers(ctx: RequestContext, checks: Sequence[Check], decision: Decision) -> None:
+    """OpenAI's x-ratelimit-* headers from the most restrictive request and token limits."""
+    best: dict[str, tuple[float, float, float]] = {}
+    for check, (remaining, reset) in zip(checks, decision.remaining, strict=False):
+        if check.label in ("rpm", "tpm"):
+            current = best.get(check.label)
+            if current is None or remaining < current[1]:
+                best[check.label] = (check.limit, remaining, reset)
+    h = ctx.response_headers
+    for label, suffix in (("rpm", "requests"), ("tpm", "tokens")):
+        if label in best:
+            limit, remaining, reset = best[label]
+            h[f"x-ratelimit-limit-{suffix}"] = str(int(limit))
+            h[f"x-ratelimit-remaining-{suffix}"] = str(int(max(0, remaining)))
+            h[f"x-ratelimit-reset-{suffix}"] = _duration(reset)
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``1s``, ``6m0s``, ``250ms``."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    minutes, secs = divmod(seconds, 60)
+    return f"{int(minutes)}m{secs:.0f}s" if minutes else f"{secs:.1f}s".replace(".0s", "s")
+
+
+class Pipeline:
+    def __init__(self, plugins: Sequence[Plugin], limiter: Limiter) -> None:
+        self.plugins = tuple(plugins)
+        self.limiter = limiter
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
+        for plugin in self.plugins:
+            if ctx.checks and not plugin.declares_checks_only:
+                await self.limiter.enforce(ctx)
+            response = await plugin.admit(ctx)
+            if response is not None:
+                return response
+        if ctx.checks:
+            await self.limiter.enforce(ctx)
+        return None
+
+    def finish(self, ctx: RequestContext) -> None:
+        """Called exactly once per request that entered ``admit``; the store I/O runs in the background
+        so neither the response nor a cancelled (disconnected) handler waits for it."""
+        for plugin in self.plugins:
+            try:
+                plugin.finish(ctx)
+            except Exception:
+                log.exception("plugin_finish_failed", plugin=plugin.name, request_id=ctx.request_id)
+        if ctx.ops:
+            task = asyncio.get_running_loop().create_task(self._settle(ctx))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, ctx: RequestContext) -> None:
+        try:
+            await self.limiter.settle(ctx)
+        except Exception:
+            log.exception("settle_failed", request_id=ctx.request_id)
+
+    async def drain(self) -> None:
+        """Wait for background settlements (shutdown, and tests that read the books right after)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

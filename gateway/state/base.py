@@ -1,0 +1,134 @@
+"""The state store interface: limits, spend, usage and the runtime directory of teams and keys.
+
+Two backends share these semantics: ``MemoryStore`` (one instance) and ``RedisStore`` (any number
+of instances). Limit checks are declarative (``Check``) so a backend can take them all in one atomic
+step — one Lua script on Redis — and settle a finished request in one more (``Op``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.config import Budgets, Limits
+
+
+class StoreUnavailable(Exception):
+    """The backing store cannot be reached; callers apply their fail-open/closed policy."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit to check and take at admission.
+
+    kind "bucket": token bucket of ``limit`` tokens refilled at ``rate`` per second; takes ``cost``.
+    kind "parallel": at most ``limit`` concurrent members; adds ``member`` (forgotten after ``stale_ms``).
+    kind "budget": denied once the counter at ``key`` has reached ``limit``; ``stale_ms`` is the time
+    to the window's end (the Retry-After of a refusal).
+    """
+
+    kind: str
+    key: str
+    limit: float
+    label: str  # rpm | tpm | parallel | budget — also the metric label
+    rate: float = 0.0
+    cost: float = 0.0
+    member: str = ""
+    stale_ms: int = 0
+
+
+@dataclass(slots=True)
+class Decision:
+    failed: Check | None
+    retry_after: float  # seconds; < 0 means "never, as asked" (e.g. more tokens than the limit)
+    remaining: list[tuple[float, float]]  # per check: (remaining, seconds until full)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One settlement step: "bucket" (adjust by delta), "release", "incr" (counter), "hincr" (hash)."""
+
+    kind: str
+    key: str
+    a: float | str = 0
+    b: float | str = 0
+    c: float | str = 0
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    id: str
+    team: str
+    key_hash: str = field(repr=False)
+    prefix: str
+    name: str | None = None
+    created_at: str = ""
+    expires_at: str | None = None  # ISO-8601, UTC
+    models: tuple[str, ...] | None = None
+    disabled: bool = False
+    limits: Limits = field(default_factory=Limits)
+    budgets: Budgets = field(default_factory=Budgets)
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows: never the key or its hash."""
+        return {
+            "id": self.id,
+            "team": self.team,
+            "name": self.name,
+            "prefix": self.prefix,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "models": list(self.models) if self.models is not None else None,
+            "disabled": self.disabled,
+            "limits": _dict(self.limits),
+            "budgets": _dict(self.budgets),
+        }
+
+
+def _dict(obj: Limits | Budgets) -> dict[str, Any]:
+    return {k: getattr(obj, k) for k in obj.__slots__ if getattr(obj, k) is not None}
+
+
+class Store(Protocol):
+    async def admit(self, checks: Sequence[Check]) -> Decision: ...
+    async def settle(self, ops: Sequence[Op]) -> None: ...
+    async def counter(self, key: str) -> float: ...
+    async def usage(self, key: str) -> dict[str, float]: ...
+    # The runtime directory (teams and keys created through the admin API).
+    async def get_key(self, key_hash: str) -> KeyRecord | None: ...
+    async def get_key_by_id(self, key_id: str) -> KeyRecord | None: ...
+    async def put_key(self, record: KeyRecord) -> None: ...
+    async def delete_key(self, record: KeyRecord) -> None: ...
+    async def list_keys(self, team: str | None) -> list[KeyRecord]: ...
+    async def get_team(self, team_id: str) -> dict[str, Any] | None: ...
+    async def put_team(self, team_id: str, data: dict[str, Any]) -> None: ...
+    async def delete_team(self, team_id: str) -> None: ...
+    async def list_teams(self) -> list[dict[str, Any]]: ...
+    async def ping(self) -> float: ...
+    async def close(self) -> None: ...
+
+
+def key_to_json(record: KeyRecord) -> bytes:
+    data = record.public()
+    data["key_hash"] = record.key_hash
+    return orjson.dumps(data)
+
+
+def key_from_json(raw: bytes | str) -> KeyRecord:
+    d = orjson.loads(raw)
+    return KeyRecord(
+        id=d["id"],
+        team=d["team"],
+        key_hash=d["key_hash"],
+        prefix=d["prefix"],
+        name=d.get("name"),
+        created_at=d.get("created_at", ""),
+        expires_at=d.get("expires_at"),
+        models=tuple(d["models"]) if d.get("models") is not None else None,
+        disabled=bool(d.get("disabled")),
+        limits=Limits(**(d.get("limits") or {})),
+        budgets=Budgets(**(d.get("budgets") or {})),
+    )

@@ -1,0 +1,36 @@
+"""Authentication and the model allowlist: every request names a team (API key or JWT)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from aiohttp import web
+
+from gateway.context import RequestContext
+from gateway.errors import PermissionDenied
+from gateway.pipeline import Services
+
+
+class AuthPlugin:
+    name: ClassVar[str] = "auth"
+    declares_checks_only: ClassVar[bool] = False
+
+    def __init__(self, services: Services) -> None:
+        self.auth = services.auth
+
+    async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
+        identity = await self.auth.identify(ctx.headers)
+        if identity.team is None:
+            raise PermissionDenied(
+                "the master key is for the admin API; use a team key for model calls",
+                code="admin_key_not_allowed",
+            )
+        ctx.identity, ctx.team, ctx.key_id = identity, identity.team.id, identity.key_id
+        if ctx.model.targets and not identity.allows(ctx.model.name):
+            raise PermissionDenied(
+                f"your team may not use the model {ctx.model.name!r}", param="model", code="model_not_allowed"
+            )
+        return None
+
+    def finish(self, ctx: RequestContext) -> None:
+        return None

@@ -1,0 +1,84 @@
+"""Budgets (USD and tokens, daily and monthly, UTC calendar windows) and the usage books.
+
+Admission refuses a team (or key) whose budget for the current window is spent (429
+``insufficient_quota``). When a request ends, its tokens and cost are added to the window counters
+and to the per-day usage report that ``GET /api/v1/usage`` reads — the same numbers the metrics count.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from aiohttp import web
+
+from gateway.accounting import windows
+from gateway.config import Budgets
+from gateway.context import RequestContext
+from gateway.pipeline import Services
+from gateway.state.base import Check, Op
+
+DAY_TTL = 3 * 86400
+MONTH_TTL = 40 * 86400
+USAGE_TTL = 400 * 86400
+
+
+def usage_key(prefix: str, team: str, day: str) -> str:
+    return f"{prefix}:{{{team}}}:usage:{day}"
+
+
+class QuotaPlugin:
+    name: ClassVar[str] = "quota"
+    declares_checks_only: ClassVar[bool] = True
+
+    def __init__(self, services: Services) -> None:
+        self.prefix = services.prefix
+
+    def _scopes(self, ctx: RequestContext) -> list[tuple[str, Budgets]]:
+        identity = ctx.identity
+        if identity is None or identity.team is None:
+            return []
+        base = f"{self.prefix}:{{{identity.team.id}}}"
+        scopes = [(base, identity.team.budgets)]
+        if identity.key is not None:
+            scopes.append((f"{base}:k:{identity.key.id}", identity.key.budgets))
+        return scopes
+
+    async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
+        day, month, day_left, month_left = windows()
+        for base, b in self._scopes(ctx):
+            for limit, key, left in (
+                (b.daily_usd, f"{base}:usd:d:{day}", day_left),
+                (b.monthly_usd, f"{base}:usd:m:{month}", month_left),
+                (b.daily_tokens, f"{base}:tok:d:{day}", day_left),
+                (b.monthly_tokens, f"{base}:tok:m:{month}", month_left),
+            ):
+                if limit is not None:
+                    ctx.checks.append(Check("budget", key, float(limit), "budget", stale_ms=int(left * 1000)))
+        return None
+
+    def finish(self, ctx: RequestContext) -> None:
+        scopes = self._scopes(ctx)
+        if not scopes:
+            return
+        day, month, _, _ = windows()
+        tokens = ctx.charged_tokens()
+        cost = ctx.cost_usd or 0.0
+        for base, _ in scopes:
+            if cost:
+                ctx.ops.append(Op("incr", f"{base}:usd:d:{day}", cost, DAY_TTL))
+                ctx.ops.append(Op("incr", f"{base}:usd:m:{month}", cost, MONTH_TTL))
+            if tokens:
+                ctx.ops.append(Op("incr", f"{base}:tok:d:{day}", tokens, DAY_TTL))
+                ctx.ops.append(Op("incr", f"{base}:tok:m:{month}", tokens, MONTH_TTL))
+        assert ctx.team is not None
+        report = usage_key(self.prefix, ctx.team, day)
+        model = ctx.model.name
+        usage = ctx.usage
+        ctx.ops.append(Op("hincr", report, f"{model}|requests", 1, USAGE_TTL))
+        if usage is not None and ctx.cache != "hit":
+            ctx.ops.append(Op("hincr", report, f"{model}|prompt_tokens", usage.prompt_tokens, USAGE_TTL))
+            ctx.ops.append(
+                Op("hincr", report, f"{model}|completion_tokens", usage.completion_tokens, USAGE_TTL)
+            )
+        if cost:
+            ctx.ops.append(Op("hincr", report, f"{model}|cost_usd", cost, USAGE_TTL))
