@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,29 @@ def base_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
         "plugins": [],
     }
     cfg.update(overrides)
+    return cfg
+
+
+TEAM_KEY = "team-a-key-0123456789"
+TEAM_B_KEY = "team-b-key-0123456789"
+MASTER_KEY = "master-key-0123456789"
+
+
+def tenancy_config(upstream_url: str, *, redis: bool = True, **team_a: Any) -> dict[str, Any]:
+    """``base_config`` plus auth, limits and budgets: teams ``team-a`` (``TEAM_KEY``, extra fields from
+    ``team_a``) and ``team-b`` (``TEAM_B_KEY``), the admin master key, and a Redis namespace of its own
+    (or the in-memory store with ``redis=False``)."""
+    cfg = base_config(
+        upstream_url,
+        teams=[
+            {"id": "team-a", "api_keys": [TEAM_KEY], **team_a},
+            {"id": "team-b", "api_keys": [TEAM_B_KEY]},
+        ],
+        admin={"master_key": MASTER_KEY},
+        plugins=["auth", "rate_limit", "quota"],
+    )
+    if redis:
+        cfg["redis"] = {"url": REDIS_URL, "prefix": f"t{uuid.uuid4().hex[:12]}"}
     return cfg
 
 

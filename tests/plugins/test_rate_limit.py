@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from typing import Any
 
 import aiohttp
 
-from tests.conftest import REDIS_URL, base_config
-
-TEAM_KEY = "team-a-key-0123456789"
-MASTER = "master-key-0123456789"
-
-
-def tenancy_config(upstream_url: str, **team: Any) -> dict[str, Any]:
-    return base_config(
-        upstream_url,
-        redis={"url": REDIS_URL, "prefix": f"t{uuid.uuid4().hex[:10]}"},
-        teams=[{"id": "team-a", "api_keys": [TEAM_KEY], **team}],
-        admin={"master_key": MASTER},
-        plugins=["auth", "rate_limit", "quota"],
-    )
+from tests.conftest import MASTER_KEY as MASTER
+from tests.conftest import TEAM_KEY, tenancy_config
 
 
 async def test_rpm_exact_across_two_instances(upstream, make_gateway) -> None:
@@ -45,17 +31,22 @@ async def test_admin_key_lifecycle(upstream, make_gateway) -> None:
     gw = await make_gateway(tenancy_config(upstream.url))
     admin = {"Authorization": f"Bearer {MASTER}"}
     async with aiohttp.ClientSession() as session:
-        async with session.post(gw.root + "/admin/keys", json={"team": "team-a", "name": "ci"}, headers=admin) as r:
+        async with session.post(
+            gw.root + "/admin/keys", json={"team": "team-a", "name": "ci"}, headers=admin
+        ) as r:
             assert r.status == 201, await r.text()
             created = await r.json()
         key = created["key"]
         client = gw.client(api_key=key)
-        reply = await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+        reply = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "x"}]
+        )
         assert reply.choices[0].message.content
         async with session.delete(gw.root + f"/admin/keys/{created['id']}", headers=admin) as r:
             assert r.status == 204
         async with session.post(
-            gw.url + "/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
+            gw.url + "/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
             headers={"Authorization": f"Bearer {key}"},
         ) as r:
             assert r.status == 401
