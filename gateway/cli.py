@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -40,7 +45,14 @@ def _summary(cfg: Config) -> dict[str, object]:
     }
 
 
-async def serve(cfg: Config, host: str, port: int, started: Callable[[int], None] | None = None) -> None:
+async def serve(
+    cfg: Config,
+    host: str,
+    port: int,
+    started: Callable[[int], None] | None = None,
+    *,
+    reuse_port: bool = False,
+) -> None:
     app = build_app(cfg)
     runner = web.AppRunner(
         app,
@@ -49,7 +61,7 @@ async def serve(cfg: Config, host: str, port: int, started: Callable[[int], None
         shutdown_timeout=cfg.server.shutdown_grace_seconds,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     stop = asyncio.Event()
@@ -91,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--log-level", default="info")
+    s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for pool workers
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("file")
     args = parser.parse_args(argv)
@@ -118,4 +132,54 @@ def main(argv: Sequence[str] | None = None) -> None:
     gw_logging.REDACTOR.set_secrets(cfg.secrets())
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
-    _run(lambda: serve(cfg, host, port))
+    if args.workers > 1:
+        if cfg.redis is None:
+            log.warning("workers_without_redis", detail="each worker keeps its own limits and keys in memory")
+        sys.exit(_supervise(args, host, port))
+    _run(lambda: serve(cfg, host, port, reuse_port=args.reuse_port))
+
+
+def _supervise(args: argparse.Namespace, host: str, port: int) -> int:
+    """Run ``--workers`` copies of this server on one port; forward SIGTERM/SIGINT; stop all if one dies.
+
+    Prometheus runs in multi-process mode (each worker writes its samples to a shared directory and
+    ``/metrics`` on any worker merges them), so the environment is set before a worker imports it.
+    """
+    metrics_dir = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    command = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--reuse-port",
+        "--log-level",
+        args.log_level,
+    ]
+    if args.config:
+        command += ["--config", args.config]
+    workers = [subprocess.Popen(command, env=env) for _ in range(args.workers)]  # noqa: S603
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        while all(w.poll() is None for w in workers):
+            time.sleep(0.2)
+        if not stopping:
+            log.error("worker_exited", detail="stopping the other workers")
+            forward(signal.SIGTERM, None)
+        return max(w.wait() for w in workers)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

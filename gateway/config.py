@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, TypeVar
 
 import yaml
@@ -49,6 +50,7 @@ class ProviderConfig:
     timeouts: Timeouts = Timeouts()
     headers: Mapping[str, str] = field(default_factory=dict)
     max_connections: int = 256
+    probe_path: str | None = "/models"  # background health probe (GET base_url + path); None: off
 
     @property
     def configured(self) -> bool:
@@ -152,6 +154,17 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    interval_seconds: float = 15.0  # background probes of providers and the state store
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    bearer_token: str | None = field(default=None, repr=False)  # set: /metrics requires it
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitingConfig:
     default_max_tokens: int = 1024  # reserved for completion when a request sets no max_tokens
 
@@ -184,6 +197,8 @@ class Config:
     jwt: JwtConfig | None = None
     master_key_hash: str | None = field(default=None, repr=False)
     rate_limiting: RateLimitingConfig = RateLimitingConfig()
+    health: HealthConfig = HealthConfig()
+    metrics: MetricsConfig = MetricsConfig()
     plugins: tuple[str, ...] = DEFAULT_PLUGINS
     source: str = "<memory>"
 
@@ -195,6 +210,12 @@ class Config:
         found = [p.api_key for p in self.providers if p.api_key]
         if self.jwt and self.jwt.secret:
             found.append(self.jwt.secret)
+        if self.metrics.bearer_token:
+            found.append(self.metrics.bearer_token)
+        if self.redis is not None:
+            password = urlsplit(self.redis.url).password
+            if password:
+                found.append(password)
         return found
 
 
@@ -315,7 +336,7 @@ def _timeouts(r: _Reader) -> Timeouts:
 
 
 def _provider(r: _Reader) -> ProviderConfig:
-    r.known("name", "type", "base_url", "api_key", "timeouts", "headers", "max_connections")
+    r.known("name", "type", "base_url", "api_key", "timeouts", "headers", "max_connections", "probe_path")
     name = r.get("name", str, "", required=True)
     kind = r.get("type", str, "openai", required=True)
     if kind not in PROVIDER_TYPES:
@@ -337,6 +358,9 @@ def _provider(r: _Reader) -> ProviderConfig:
         timeouts=_timeouts(r.child("timeouts")),
         headers={str(k): v for k, v in headers.items()},
         max_connections=r.get("max_connections", int, 256),
+        probe_path=(r.get("probe_path", str, "/models") or None)
+        if r.data.get("probe_path") is not False
+        else None,
     )
 
 
@@ -498,6 +522,8 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     data = interpolate(raw, os.environ if env is None else env, "", problems)
     root = _Reader(data, "", problems)
     root.known(
+        "health",
+        "metrics",
         "rate_limiting",
         "server",
         "redis",
@@ -565,6 +591,15 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     adm.known("master_key")
     master = adm.get("master_key", str, "")
 
+    hc = root.child("health")
+    hc.known("interval_seconds", "timeout_seconds")
+    health = HealthConfig(hc.get("interval_seconds", float, 15.0), hc.get("timeout_seconds", float, 5.0))
+    _positive(hc, "interval_seconds", health.interval_seconds)
+    _positive(hc, "timeout_seconds", health.timeout_seconds)
+    mc = root.child("metrics")
+    mc.known("bearer_token")
+    metrics = MetricsConfig(mc.get("bearer_token", str, "") or None)
+
     rl = root.child("rate_limiting")
     rl.known("default_max_tokens")
     rate_limiting = RateLimitingConfig(rl.get("default_max_tokens", int, 1024))
@@ -594,6 +629,8 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         master_key_hash=hash_key(master) if master else None,
         plugins=plugins,
         rate_limiting=rate_limiting,
+        health=health,
+        metrics=metrics,
         source=source,
     )
 

@@ -209,7 +209,9 @@ async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
         while not scanner.data_events:
             chunk = await resp.content.readany()
             if not chunk:
-                head.append(scanner.finish())
+                tail = scanner.finish()
+                if scanner.done:  # an unterminated last event goes out only if it ends the stream
+                    head.append(tail)
                 break
             head.append(scanner.feed(chunk))
         if scanner.error is not None:
@@ -254,15 +256,19 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
     loop = asyncio.get_running_loop()
     scanner, wd, content = up.scanner, up.watchdog, up.resp.content
     failure: str | None = None
+    cut = False
     try:
         await response.prepare(request)
         await response.write(up.head)
         while True:
             chunk = await content.readany()
             if not chunk:
+                # An unterminated last event: clients drop it anyway. [DONE] goes out as sent; anything
+                # else may be half an event, so it is replaced by the error event below.
                 tail = scanner.finish()
-                if tail:
+                if tail and scanner.done:
                     await response.write(tail)
+                cut = bool(tail) and not scanner.done
                 break
             seen = scanner.data_events
             out = scanner.feed(chunk)
@@ -274,7 +280,7 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
                     wd.move(up.total_deadline, "total")
             if out:
                 await response.write(out)
-        if scanner.error is not None:
+        if scanner.error is not None and not cut:
             failure = "upstream_stream_error"
         elif not scanner.done:
             failure = "upstream_incomplete"

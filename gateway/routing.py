@@ -105,9 +105,19 @@ class Route:
     targets: tuple[Target, ...]
 
 
+def _ignore(provider: str, ok: bool, latency: float | None = None) -> None:
+    return None
+
+
 class Router:
-    def __init__(self, config: Config, providers: Mapping[str, Provider]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        providers: Mapping[str, Provider],
+        observe: Callable[[str, bool, float | None], None] = _ignore,
+    ) -> None:
         self.settings: RoutingConfig = config.routing
+        self.observe = observe  # live traffic feeds provider health
         cb = config.routing.circuit_breaker
         self.routes: dict[str, Route] = {}
         for model in config.models:
@@ -164,6 +174,7 @@ class Router:
                 except AttemptFailed as failure:
                     last = failure
                     _upstream_outcome(target, failure.outcome)
+                    self.observe(target.provider.name, False, None)
                     log.info(
                         "upstream_attempt_failed",
                         provider=target.provider.name,
@@ -184,11 +195,13 @@ class Router:
                     # The upstream answered, but the request itself is at fault: no retry, no penalty.
                     target.breaker.success()
                     _upstream_outcome(target, "client_error")
+                    self.observe(target.provider.name, True, None)
                     raise
                 except BaseException:
                     target.breaker.release()
                     raise
                 _upstream_outcome(target, "success")
+                self.observe(target.provider.name, True, None)
                 if target.breaker.failures >= target.breaker.threshold:
                     log.info("circuit_closed", provider=target.provider.name, upstream_model=target.model)
                 target.breaker.success()

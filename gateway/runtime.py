@@ -10,6 +10,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.pipeline import Pipeline
+from gateway.probes import Prober
 from gateway.providers import Provider
 from gateway.routing import Router
 from gateway.state.base import Store
@@ -23,6 +24,7 @@ class Gateway:
     store: Store
     auth: Authenticator
     pipeline: Pipeline
+    prober: Prober
     models_body: bytes = b""
     ready: bool = False  # providers started
     draining: bool = False  # SIGTERM received: finishing in-flight work

@@ -6,6 +6,8 @@ OpenAI's JSON shape, and where the access line and request metrics are written (
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -34,6 +36,7 @@ from gateway.errors import (
     error_body,
 )
 from gateway.pipeline import Limiter, Pipeline, Services
+from gateway.probes import Prober
 from gateway.providers import Provider, create
 from gateway.providers import mock as mock_upstream
 from gateway.routing import Router
@@ -219,9 +222,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         log.info("mock_upstream_started", url=gw.mock_url)
     for provider in gw.providers.values():
         await provider.start()
+    await gw.prober.probe_store()
+    probes = asyncio.get_running_loop().create_task(gw.prober.run())
     gw.ready = True
     yield
     gw.ready = False
+    probes.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probes
     for provider in gw.providers.values():
         await provider.close()
     if mock_runner is not None:
@@ -238,8 +246,15 @@ def build_store(config: Config) -> Store:
 
 def build_app(config: Config, store: Store | None = None) -> web.Application:
     providers: dict[str, Provider] = {p.name: create(p) for p in config.providers}
-    router = Router(config, providers)
     store = store if store is not None else build_store(config)
+    prober = Prober(
+        store if config.redis is not None else None,
+        interval=config.health.interval_seconds,
+        timeout=config.health.timeout_seconds,
+    )
+    router = Router(config, providers, prober.observe)
+    # Only providers some model routes to are probed and reported (an unconfigured one is never called).
+    prober.watch({t.provider.name: t.provider for r in router.routes.values() for t in r.targets})
     auth = Authenticator(config, store)
     prefix = config.redis.prefix if config.redis else "llmgw"
     limiter = Limiter(
@@ -255,6 +270,7 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         store=store,
         auth=auth,
         pipeline=Pipeline(plugins.build(config.plugins, services), limiter),
+        prober=prober,
         models_body=openai.models_body([m.name for m in config.models]),
     )
     # The body limit is enforced by read_json with a clear 413; aiohttp's own cap sits just above it.

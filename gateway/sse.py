@@ -2,9 +2,12 @@
 
 Bytes go in as the upstream sends them; the scanner notes what the gateway needs (data-event count
 for the idle timeout, ``usage``, an ``error`` event, ``[DONE]``) and returns the bytes to forward.
-In pass-through mode it returns each chunk untouched (the same object). In strip mode — used when
-the gateway itself asked for ``stream_options.include_usage`` — it forwards whole events and drops
-the usage-only chunk (``"choices": []``) so the client sees exactly what it asked for.
+Only whole events are forwarded: an event split across reads is held back until its blank line
+arrives, so a client never holds half an event when an upstream dies mid-line (the gateway's SSE
+error event would otherwise be glued onto it). In pass-through mode a chunk that ends on an event
+boundary — the usual case — is returned untouched (the same object). In strip mode — used when the
+gateway itself asked for ``stream_options.include_usage`` — the usage-only chunk (``"choices": []``)
+is dropped so the client sees exactly what it asked for.
 
 Only events that mention ``"usage"`` or ``"error"`` are JSON-decoded; the rest are just counted.
 """
@@ -40,17 +43,21 @@ class SSEScanner:
         self.error: dict[str, Any] | None = None
         self._pending = b""  # an incomplete trailing line
         self._data: list[bytes] = []  # data lines of the event being read
-        self._held: list[bytes] = []  # strip mode: raw lines of the event being read
+        self._held: list[bytes] = []  # raw lines of the event being read (not yet forwarded)
         self._dropped = False  # strip mode: the event that just ended is the usage-only chunk
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
+        if self._pending:
+            data = self._pending + chunk
+        else:
+            data = chunk
+            if not self.strip_usage and not self._held and chunk.endswith((b"\n\n", b"\n\r\n")):
+                # Whole events only (the usual read): note them and forward the very same bytes.
+                for line in chunk.split(b"\n")[:-1]:
+                    self._line(line)
+                return chunk
         lines = data.split(b"\n")
         self._pending = lines.pop()
-        if not self.strip_usage:
-            for line in lines:
-                self._line(line)
-            return chunk
         out: list[bytes] = []
         for line in lines:
             self._held.append(line)
@@ -70,8 +77,6 @@ class SSEScanner:
             self._line(tail)
         if self._data:
             self._dispatch()
-        if not self.strip_usage:
-            return b""
         held, self._held = self._held, []
         if self._dropped or not held:
             return b""

@@ -1,40 +1,103 @@
-"""Liveness, readiness and the Prometheus endpoint."""
+"""Liveness, readiness, the detailed health report and the Prometheus endpoint.
+
+Nothing here probes anything: provider and store health come from ``gateway.probes.Prober``'s
+background loop and from live traffic.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+import hmac
+import os
+from typing import Any
 
-from gateway.runtime import GATEWAY
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+from gateway.errors import AuthenticationFailed
+from gateway.runtime import GATEWAY, Gateway
 
 _OK = b'{"status":"ok"}'
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 async def live(request: web.Request) -> web.Response:
     return web.Response(body=_OK, content_type="application/json")
 
 
-async def ready(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+def not_ready_reason(gw: Gateway) -> str | None:
     if gw.draining:
-        return web.json_response({"status": "draining"}, status=503)
+        return "draining"
     if not gw.ready:
-        return web.json_response({"status": "starting"}, status=503)
-    down = [
-        name
-        for name, route in gw.router.routes.items()
-        if route.targets and all(t.breaker.is_open for t in route.targets)
-    ]
-    if down or any(not route.targets for route in gw.router.routes.values()):
-        return web.json_response({"status": "error", "models_without_target": down}, status=503)
+        return "starting"
+    if gw.config.redis is not None and gw.prober.store_health.status == "down":
+        return "state store unreachable"
+    for name, route in gw.router.routes.items():
+        if not route.targets or all(t.breaker.is_open for t in route.targets):
+            return f"model {name!r} has no target with a closed circuit"
+    return None
+
+
+async def ready(request: web.Request) -> web.Response:
+    reason = not_ready_reason(request.app[GATEWAY])
+    if reason is not None:
+        return _json({"status": "error", "reason": reason}, 503)
     return web.Response(body=_OK, content_type="application/json")
 
 
+def provider_status(gw: Gateway, name: str) -> str:
+    targets = [t for route in gw.router.routes.values() for t in route.targets if t.provider.name == name]
+    if targets and all(t.breaker.is_open for t in targets):
+        return "down"
+    return gw.prober.provider_health[name].status
+
+
+async def detailed(request: web.Request) -> web.Response:
+    """The seed's detailed shape: redis and each provider with status and latency (ms)."""
+    gw = request.app[GATEWAY]
+    store = gw.prober.store_health
+    redis_up = store.status != "down"
+    providers = {
+        name: {"status": provider_status(gw, name), "latency": health.latency_ms}
+        for name, health in gw.prober.provider_health.items()
+    }
+    providers_ok = all(p["status"] != "down" for p in providers.values())
+    body = {
+        "status": "ok" if redis_up and providers_ok and not_ready_reason(gw) is None else "error",
+        "info": {
+            "redis": {
+                "status": "up" if redis_up else "down",
+                "details": {
+                    "connection": redis_up if gw.config.redis is not None else False,
+                    "latency": store.latency_ms,
+                    "backend": "redis" if gw.config.redis is not None else "memory",
+                },
+            },
+            "providers": {"status": "up" if providers_ok else "down", "details": providers},
+        },
+    }
+    return _json(body, 200 if body["status"] == "ok" else 503)
+
+
 async def prometheus(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    token = request.app[GATEWAY].config.metrics.bearer_token
+    if token is not None:
+        presented = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+            raise AuthenticationFailed("a valid bearer token is required for /metrics")
+    registry = REGISTRY
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: merge their files
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
+    app.router.add_get("/api/v1/monitoring/health", detailed)
+    app.router.add_get("/api/v1/health", detailed)
     app.router.add_get("/metrics", prometheus)
