@@ -287,6 +287,8 @@ class _Reader:
                 raise ValueError
             if kind in (int, float) and isinstance(raw, bool):
                 raise ValueError
+            if kind is int and isinstance(raw, float) and not raw.is_integer():
+                raise ValueError  # int(1.5) would silently be 1
             value = kind(raw)
         except (TypeError, ValueError):
             self.problem(name, f"must be {getattr(kind, '__name__', 'valid')}, got {type(raw).__name__}")
@@ -641,6 +643,8 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (invalid byte at offset {exc.start})"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

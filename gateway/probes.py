@@ -88,5 +88,5 @@ class Prober:
 
     async def run(self) -> None:
         while True:
-            await self.probe_all()
             await asyncio.sleep(self.interval)
+            await self.probe_all()

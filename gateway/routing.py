@@ -207,9 +207,13 @@ class Router:
                 target.breaker.success()
                 return result
         if last is None:
+            why = (
+                "every target's circuit is open"
+                if route.targets
+                else "none of its providers has an API key configured"
+            )
             raise ServiceUnavailable(
-                f"no upstream available for model {ctx.model.name!r}: every target's circuit is open",
-                code="no_available_target",
+                f"no upstream available for model {ctx.model.name!r}: {why}", code="no_available_target"
             )
         if last.timeout:
             raise UpstreamError(f"upstream timed out ({last.message})", status=504, code="upstream_timeout")

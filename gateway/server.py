@@ -222,7 +222,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         log.info("mock_upstream_started", url=gw.mock_url)
     for provider in gw.providers.values():
         await provider.start()
-    await gw.prober.probe_store()
+    await gw.prober.probe_all()  # bounded by health.timeout_seconds; probes run concurrently
     probes = asyncio.get_running_loop().create_task(gw.prober.run())
     gw.ready = True
     yield

@@ -1,0 +1,243 @@
+"""/metrics after real traffic: exact counts, the contract's names and labels, bounded cardinality."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MASTER_KEY, TEAM_KEY, RunningGateway, Upstream, base_config, tenancy_config
+
+CONTRACT = {
+    "llm_gateway_requests": ("counter", {"model", "provider", "status_code", "team"}),
+    "llm_gateway_request_duration_seconds": ("histogram", {"model", "provider"}),
+    "llm_gateway_time_to_first_token_seconds": ("histogram", {"model", "provider"}),
+    "llm_gateway_upstream_requests": ("counter", {"provider", "upstream_model", "outcome"}),
+    "llm_gateway_fallbacks": ("counter", {"model", "from_provider", "to_provider"}),
+    "llm_gateway_tokens": ("counter", {"team", "model", "kind"}),
+    "llm_gateway_cost_usd": ("counter", {"team", "model"}),
+    "llm_gateway_cache_requests": ("counter", {"result"}),
+    "llm_gateway_rate_limited": ("counter", {"team", "limit"}),
+    "llm_gateway_in_flight_requests": ("gauge", set()),
+    "llm_gateway_circuit_open": ("gauge", {"provider", "upstream_model"}),
+    "llm_gateway_redis_errors": ("counter", {"operation"}),
+}
+
+
+async def scrape(gw: RunningGateway, token: str | None = None) -> dict[tuple[str, frozenset[Any]], float]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session, session.get(gw.root + "/metrics", headers=headers) as r:
+        assert r.status == 200, await r.text()
+        text = await r.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: dict[tuple[str, frozenset[Any]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(after: dict[Any, float], before: dict[Any, float], name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+async def test_every_contract_metric_is_exported_with_its_labels(gw: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as session, session.get(gw.root + "/metrics") as r:
+        text = await r.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, (kind, labels) in CONTRACT.items():
+        assert name in families, name
+        assert families[name].type == kind, name
+        for sample in families[name].samples:
+            assert set(sample.labels) - {"le"} <= labels, (name, sample.labels)
+
+
+async def test_counts_and_labels_after_traffic(upstream: Upstream, make_gateway: Any) -> None:
+    cfg = tenancy_config(upstream.url, redis=False)
+    cfg["models"][0]["pricing"] = {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}
+    cfg["models"].append(
+        {
+            "name": "flaky",
+            "targets": [
+                {"provider": "primary", "model": "mock-broken:status=503"},
+                {"provider": "primary", "model": "mock-chat"},
+            ],
+        }
+    )
+    gw = await make_gateway(cfg)
+    before = await scrape(gw)
+    client = gw.client(api_key=TEAM_KEY)
+    usage_prompt = usage_completion = 0
+    for _ in range(3):
+        reply = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.usage is not None
+        usage_prompt += reply.usage.prompt_tokens
+        usage_completion += reply.usage.completion_tokens
+    stream = await client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "a b c"}], stream=True
+    )
+    [c async for c in stream]
+    await client.chat.completions.create(model="flaky", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
+    with pytest.raises(openai.AuthenticationError):
+        await gw.client(api_key="wrong").chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "x"}]
+        )
+    after = await scrape(gw)
+
+    ok = {"model": "chat", "provider": "primary", "status_code": "200", "team": "team-a"}
+    assert delta(after, before, "llm_gateway_requests_total", **ok) == 4
+    assert (
+        delta(
+            after,
+            before,
+            "llm_gateway_requests_total",
+            model="unknown",
+            provider="none",
+            status_code="404",
+            team="team-a",
+        )
+        == 1
+    )
+    assert (
+        delta(
+            after,
+            before,
+            "llm_gateway_requests_total",
+            model="chat",
+            provider="none",
+            status_code="401",
+            team="none",
+        )
+        == 1
+    )
+    assert (
+        delta(after, before, "llm_gateway_request_duration_seconds_count", model="chat", provider="primary")
+        == 4
+    )
+    assert (
+        delta(
+            after, before, "llm_gateway_time_to_first_token_seconds_count", model="chat", provider="primary"
+        )
+        == 1
+    )
+    assert (
+        delta(after, before, "llm_gateway_tokens_total", team="team-a", model="chat", kind="prompt")
+        >= usage_prompt
+    )
+    assert (
+        delta(after, before, "llm_gateway_tokens_total", team="team-a", model="chat", kind="completion")
+        >= usage_completion
+    )
+    assert delta(after, before, "llm_gateway_cost_usd_total", team="team-a", model="chat") > 0
+    assert (
+        delta(
+            after,
+            before,
+            "llm_gateway_upstream_requests_total",
+            provider="primary",
+            upstream_model="mock-broken:status=503",
+            outcome="status_503",
+        )
+        == 1
+    )
+    assert (
+        delta(
+            after,
+            before,
+            "llm_gateway_fallbacks_total",
+            model="flaky",
+            from_provider="primary",
+            to_provider="primary",
+        )
+        == 1
+    )
+    # No key, request id or free text ever becomes a label value.
+    for _name, labels in after:
+        for label_value in dict(labels).values():
+            assert TEAM_KEY not in label_value and "req_" not in label_value and "wrong" not in label_value
+
+
+async def test_rate_limited_and_circuit_metrics(upstream: Upstream, make_gateway: Any) -> None:
+    cfg = tenancy_config(upstream.url, redis=False, limits={"rpm": 1})
+    cfg["routing"] = {"retries": 0, "circuit_breaker": {"failures": 1, "cooldown_seconds": 60}}
+    cfg["models"].append(
+        {"name": "down", "targets": [{"provider": "primary", "model": "mock-down:status=500"}]}
+    )
+    gw = await make_gateway(cfg)
+    before = await scrape(gw)
+    client = gw.client(api_key=TEAM_KEY)
+    await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+    after = await scrape(gw)
+    assert delta(after, before, "llm_gateway_rate_limited_total", team="team-a", limit="rpm") == 1
+
+    cfg_b = base_config(
+        upstream.url, routing={"retries": 0, "circuit_breaker": {"failures": 1, "cooldown_seconds": 60}}
+    )
+    cfg_b["models"][0]["targets"] = [{"provider": "primary", "model": "mock-circuit:status=500"}]
+    gw_b = await make_gateway(cfg_b)
+    with pytest.raises(openai.APIStatusError):
+        await gw_b.client().chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+    samples = await scrape(gw_b)
+    assert (
+        value(
+            samples, "llm_gateway_circuit_open", provider="primary", upstream_model="mock-circuit:status=500"
+        )
+        == 1
+    )
+
+
+async def test_metrics_bearer_token(upstream: Upstream, make_gateway: Any) -> None:
+    gw = await make_gateway(base_config(upstream.url, metrics={"bearer_token": "metrics-token-123"}))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.root + "/metrics") as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["type"] == "authentication_error"
+        async with session.get(gw.root + "/metrics", headers={"Authorization": "Bearer nope"}) as r:
+            assert r.status == 401
+    assert await scrape(gw, token="metrics-token-123")
+
+
+async def test_usage_api_and_metrics_agree(upstream: Upstream, make_gateway: Any) -> None:
+    cfg = tenancy_config(upstream.url)
+    cfg["models"][0]["pricing"] = {"input_per_mtok": 3.0, "output_per_mtok": 15.0}
+    gw = await make_gateway(cfg)
+    before = await scrape(gw)
+    client = gw.client(api_key=TEAM_KEY)
+    for text in ("one", "two two", "three three three"):
+        await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": text}])
+    await gw.gateway.pipeline.drain()
+    after = await scrape(gw)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            gw.root + "/api/v1/usage",
+            params={"team": "team-a"},
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        ) as r,
+    ):
+        report = await r.json()
+    total = report["total"]
+    assert total["requests"] == 3
+    assert total["prompt_tokens"] == delta(
+        after, before, "llm_gateway_tokens_total", team="team-a", model="chat", kind="prompt"
+    )
+    assert total["completion_tokens"] == delta(
+        after, before, "llm_gateway_tokens_total", team="team-a", model="chat", kind="completion"
+    )
+    assert total["cost_usd"] == pytest.approx(
+        delta(after, before, "llm_gateway_cost_usd_total", team="team-a", model="chat")
+    )
