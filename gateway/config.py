@@ -12,16 +12,16 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
 PROVIDER_TYPES = ("openrouter", "deepseek", "openai", "mock")
 # Provider types that cannot work without a key: with an empty key they count as "unconfigured".
 KEYED_PROVIDER_TYPES = ("openrouter", "deepseek")
-KNOWN_PLUGINS = ("auth", "rate_limit", "quota")
-DEFAULT_PLUGINS = ("auth", "rate_limit", "quota")
+KNOWN_PLUGINS = ("auth", "rate_limit", "quota", "cache")
+DEFAULT_PLUGINS = ("auth", "rate_limit", "quota", "cache")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -71,11 +71,21 @@ class Pricing:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelCacheConfig:
+    """Per-model overrides of the global cache settings (None: inherit)."""
+
+    enabled: bool | None = None
+    ttl_seconds: int | None = None
+    deterministic_only: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     targets: tuple[TargetConfig, ...]
     pricing: Pricing = Pricing()
     context_window: int | None = None
+    cache: ModelCacheConfig = ModelCacheConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +183,13 @@ class RateLimitingConfig:
 class CacheConfig:
     enabled: bool = False
     ttl_seconds: int = 3600
+    max_ttl_seconds: int = 86400  # ceiling for a client's Cache-Control: max-age
+    deterministic_only: bool = False  # cache only temperature 0 or seeded requests
+    max_entry_bytes: int = 1024 * 1024  # larger answers are not stored
+    max_memory_bytes: int = 64 * 1024 * 1024  # the in-memory LRU's bound (no Redis)
+    shared: bool = False  # one namespace for all teams (off: each team only sees its own entries)
+    coalesce: bool = True  # identical in-flight requests wait for the first one's answer
+    coalesce_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +384,7 @@ def _provider(r: _Reader) -> ProviderConfig:
 
 
 def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
-    r.known("name", "targets", "pricing", "context_window")
+    r.known("name", "targets", "pricing", "context_window", "cache")
     targets = []
     for t in r.items("targets"):
         t.known("provider", "model")
@@ -388,7 +405,16 @@ def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
         None if cached < 0 else cached,
     )
     window = r.get("context_window", int, 0)
-    return ModelConfig(r.get("name", str, "", required=True), tuple(targets), pricing, window or None)
+    mc = r.child("cache")
+    mc.known("enabled", "ttl_seconds", "deterministic_only")
+    unset_b: bool | None = None
+    unset_i: int | None = None
+    cache = ModelCacheConfig(
+        mc.get("enabled", bool, unset_b),
+        mc.get("ttl_seconds", int, unset_i),
+        mc.get("deterministic_only", bool, unset_b),
+    )
+    return ModelConfig(r.get("name", str, "", required=True), tuple(targets), pricing, window or None, cache)
 
 
 def _limits(r: _Reader) -> Limits:
@@ -582,8 +608,29 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
             rc.problem("url", "must start with redis://, rediss:// or unix://")
 
     c = root.child("cache")
-    c.known("enabled", "ttl_seconds")
-    cache = CacheConfig(c.get("enabled", bool, False), c.get("ttl_seconds", int, 3600))
+    c.known(
+        "enabled",
+        "ttl_seconds",
+        "max_ttl_seconds",
+        "deterministic_only",
+        "max_entry_bytes",
+        "max_memory_bytes",
+        "shared",
+        "coalesce",
+        "coalesce_timeout_seconds",
+    )
+    d = CacheConfig()
+    cache = CacheConfig(
+        enabled=c.get("enabled", bool, d.enabled),
+        ttl_seconds=c.get("ttl_seconds", int, d.ttl_seconds),
+        max_ttl_seconds=c.get("max_ttl_seconds", int, d.max_ttl_seconds),
+        deterministic_only=c.get("deterministic_only", bool, d.deterministic_only),
+        max_entry_bytes=c.get("max_entry_bytes", int, d.max_entry_bytes),
+        max_memory_bytes=c.get("max_memory_bytes", int, d.max_memory_bytes),
+        shared=c.get("shared", bool, d.shared),
+        coalesce=c.get("coalesce", bool, d.coalesce),
+        coalesce_timeout_seconds=c.get("coalesce_timeout_seconds", float, d.coalesce_timeout_seconds),
+    )
 
     a = root.child("auth")
     a.known("jwt")

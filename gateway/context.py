@@ -48,6 +48,16 @@ def _int(v: Any) -> int:
 
 
 @dataclass(slots=True)
+class CachePlan:
+    """What the cache plugin decided for a request it may store (see plugins/cache.py)."""
+
+    key: str
+    ttl: int
+    write: bool
+    leader: bool = False  # this request answers identical in-flight ones when it ends
+
+
+@dataclass(slots=True)
 class RequestContext:
     request_id: str
     endpoint: str  # "chat" | "embeddings"
@@ -76,6 +86,11 @@ class RequestContext:
     cost_usd: float | None = None
     cache: str | None = None
     added_include_usage: bool = False
+    # The answer as relayed, for the cache: a stream's chunks (when recording) or a JSON body.
+    record: list[bytes] | None = None
+    response_body: bytes | None = None
+    complete: bool = False  # the answer ended cleanly (a stream's [DONE], a 200 body)
+    cache_plan: CachePlan | None = None
     error: str | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -25,6 +25,7 @@ from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.state.base import Check, Decision, Op, Store, StoreUnavailable
+from gateway.state.cache import CacheStore
 from gateway.state.memory import MemoryStore
 
 log = structlog.get_logger("gateway.pipeline")
@@ -38,6 +39,7 @@ class Services:
     store: Store
     auth: Authenticator
     prefix: str  # namespace of every state-store key
+    cache: CacheStore
 
 
 class Plugin(Protocol):
@@ -47,8 +49,11 @@ class Plugin(Protocol):
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None: ...
 
-    def finish(self, ctx: RequestContext) -> None:
-        """Append settlement ``Op``s to ``ctx.ops`` (synchronous: the pipeline does the I/O once)."""
+    def finish(self, ctx: RequestContext) -> Awaitable[None] | None:
+        """Append settlement ``Op``s to ``ctx.ops`` (the pipeline does that I/O once, for all plugins).
+
+        A plugin with I/O of its own (the cache's write) returns an awaitable instead; it runs in the
+        same background task as the settlement."""
 
 
 class Limiter:
@@ -141,11 +146,15 @@ class Limiter:
 def _headers(ctx: RequestContext, checks: Sequence[Check], decision: Decision) -> None:
     """OpenAI's x-ratelimit-* headers from the most restrictive request and token limits."""
     best: dict[str, tuple[float, float, float]] = {}
+    refused: dict[str, tuple[float, float, float]] = {}
     for check, (remaining, reset) in zip(checks, decision.remaining, strict=False):
         if check.label in ("rpm", "tpm"):
             current = best.get(check.label)
             if current is None or remaining < current[1]:
                 best[check.label] = (check.limit, remaining, reset)
+            if check is decision.failed:  # a 429 describes the limit that refused it
+                refused[check.label] = (check.limit, remaining, reset)
+    best.update(refused)
     h = ctx.response_headers
     for label, suffix in (("rpm", "requests"), ("tpm", "tokens")):
         if label in best:
@@ -183,21 +192,26 @@ class Pipeline:
     def finish(self, ctx: RequestContext) -> None:
         """Called exactly once per request that entered ``admit``; the store I/O runs in the background
         so neither the response nor a cancelled (disconnected) handler waits for it."""
+        pending: list[Awaitable[None]] = []
         for plugin in self.plugins:
             try:
-                plugin.finish(ctx)
+                work = plugin.finish(ctx)
             except Exception:
                 log.exception("plugin_finish_failed", plugin=plugin.name, request_id=ctx.request_id)
-        if ctx.ops:
-            task = asyncio.get_running_loop().create_task(self._settle(ctx))
+                continue
+            if work is not None:
+                pending.append(work)
+        if ctx.ops or pending:
+            task = asyncio.get_running_loop().create_task(self._settle(ctx, pending))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, ctx: RequestContext) -> None:
-        try:
-            await self.limiter.settle(ctx)
-        except Exception:
-            log.exception("settle_failed", request_id=ctx.request_id)
+    async def _settle(self, ctx: RequestContext, pending: list[Awaitable[None]]) -> None:
+        for work in (self.limiter.settle(ctx), *pending):
+            try:
+                await work
+            except Exception:
+                log.exception("settle_failed", request_id=ctx.request_id)
 
     async def drain(self) -> None:
         """Wait for background settlements (shutdown, and tests that read the books right after)."""

@@ -257,9 +257,12 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
     scanner, wd, content = up.scanner, up.watchdog, up.resp.content
     failure: str | None = None
     cut = False
+    record = ctx.record  # the cache keeps what the client saw, to replay it
     try:
         await response.prepare(request)
         await response.write(up.head)
+        if record is not None:
+            record.append(up.head)
         while True:
             chunk = await content.readany()
             if not chunk:
@@ -280,6 +283,8 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
                     wd.move(up.total_deadline, "total")
             if out:
                 await response.write(out)
+                if record is not None:
+                    record.append(out)
         if scanner.error is not None and not cut:
             failure = "upstream_stream_error"
         elif not scanner.done:
@@ -309,6 +314,7 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
         up.resp.close()
         ctx.usage = Usage.from_json(scanner.usage) or _partial_usage(ctx, scanner)
     ctx.error = failure
+    ctx.complete = failure is None and scanner.done and scanner.error is None
     await response.write_eof()
     return response
 

@@ -14,6 +14,7 @@ from gateway.probes import Prober
 from gateway.providers import Provider
 from gateway.routing import Router
 from gateway.state.base import Store
+from gateway.state.cache import CacheStore
 
 
 @dataclass(slots=True)
@@ -25,6 +26,7 @@ class Gateway:
     auth: Authenticator
     pipeline: Pipeline
     prober: Prober
+    cache: CacheStore
     models_body: bytes = b""
     ready: bool = False  # providers started
     draining: bool = False  # SIGTERM received: finishing in-flight work

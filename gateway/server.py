@@ -42,6 +42,7 @@ from gateway.providers import mock as mock_upstream
 from gateway.routing import Router
 from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
 from gateway.state.base import Store, StoreUnavailable
+from gateway.state.cache import CacheStore, MemoryCache, RedisCache
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
 
@@ -262,7 +263,12 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         fail_open_limits=config.redis.fail_open_limits if config.redis else True,
         fail_open_budgets=config.redis.fail_open_budgets if config.redis else False,
     )
-    services = Services(config=config, store=store, auth=auth, prefix=prefix)
+    cache: CacheStore = (
+        RedisCache(store.client)
+        if isinstance(store, RedisStore)
+        else MemoryCache(config.cache.max_memory_bytes)
+    )
+    services = Services(config=config, store=store, auth=auth, prefix=prefix, cache=cache)
     gw = Gateway(
         config=config,
         providers=providers,
@@ -271,6 +277,7 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         auth=auth,
         pipeline=Pipeline(plugins.build(config.plugins, services), limiter),
         prober=prober,
+        cache=cache,
         models_body=openai.models_body([m.name for m in config.models]),
     )
     # The body limit is enforced by read_json with a clear 413; aiohttp's own cap sits just above it.

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from gateway.pipeline import Plugin, Services
 from plugins.auth import AuthPlugin
+from plugins.cache import CachePlugin
 from plugins.quota import QuotaPlugin
 from plugins.rate_limit import RateLimitPlugin
 
@@ -13,6 +14,7 @@ REGISTRY: dict[str, Callable[[Services], Plugin]] = {
     "auth": AuthPlugin,
     "rate_limit": RateLimitPlugin,
     "quota": QuotaPlugin,
+    "cache": CachePlugin,
 }
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 from aiohttp import web
 
 from gateway.context import RequestContext
-from gateway.errors import PermissionDenied
+from gateway.errors import NotFound, PermissionDenied
 from gateway.pipeline import Services
 
 
@@ -25,11 +25,18 @@ class AuthPlugin:
                 "the master key is for the admin API; use a team key for model calls",
                 code="admin_key_not_allowed",
             )
-        ctx.identity, ctx.team, ctx.key_id = identity, identity.team.id, identity.key_id
-        if ctx.model.targets and not identity.allows(ctx.model.name):
+        ctx.team, ctx.key_id = identity.team.id, identity.key_id
+        # Refused requests stop here, before the limit plugins: they take no rate-limit tokens and
+        # never appear in the usage report (ctx.identity stays None until the caller is admitted).
+        if not ctx.model.targets:
+            raise NotFound(
+                f"the model {ctx.model_name!r} does not exist", param="model", code="model_not_found"
+            )
+        if not identity.allows(ctx.model.name):
             raise PermissionDenied(
                 f"your team may not use the model {ctx.model.name!r}", param="model", code="model_not_allowed"
             )
+        ctx.identity = identity
         return None
 
     def finish(self, ctx: RequestContext) -> None:

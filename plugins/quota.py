@@ -58,8 +58,8 @@ class QuotaPlugin:
 
     def finish(self, ctx: RequestContext) -> None:
         scopes = self._scopes(ctx)
-        if not scopes:
-            return
+        if not scopes or (not ctx.attempts and ctx.cache != "hit"):
+            return  # refused before reaching a model (a limit, a budget, a bad request): nothing to book
         day, month, _, _ = windows()
         tokens = ctx.charged_tokens()
         cost = ctx.cost_usd or 0.0

@@ -18,6 +18,7 @@ from gateway.config import Budgets, ConfigError, Limits, hash_key, parse_team
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PermissionDenied
 from gateway.runtime import GATEWAY, Gateway
 from gateway.state.base import KeyRecord
+from gateway.state.cache import glob_escape
 
 KEY_FIELDS = ("team", "name", "expires_at", "models", "limits", "budgets")
 
@@ -106,8 +107,7 @@ async def patch_team(request: web.Request) -> web.Response:
     body = await _body(request)
     if "id" in body and body["id"] != team_id:
         raise InvalidRequest("a team's id cannot change", param="id", code="invalid_field")
-    merged = {k: v for k, v in current.items() if k != "source"}
-    merged.update(body)
+    merged = _merge_patch({k: v for k, v in current.items() if k != "source"}, body)
     try:
         team = parse_team(merged, _models(gw))
     except ConfigError as exc:
@@ -115,6 +115,20 @@ async def patch_team(request: web.Request) -> web.Response:
     await gw.store.put_team(team_id, team.public())
     gw.auth.forget(team_id=team_id)
     return _json({**team.public(), "source": "api"})
+
+
+def _merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON Merge Patch (RFC 7396): nested objects merge, ``null`` removes a field. So
+    ``{"limits": {"rpm": 5}}`` changes rpm and keeps the team's other limits."""
+    merged = dict(target)
+    for name, value in patch.items():
+        if value is None:
+            merged.pop(name, None)
+        elif isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = _merge_patch(merged[name], value)
+        else:
+            merged[name] = value
+    return merged
 
 
 async def delete_team(request: web.Request) -> web.Response:
@@ -205,6 +219,17 @@ async def delete_key(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def clear_cache(request: web.Request) -> web.Response:
+    """Drop cached answers: all, or one team's (``?team=``), or one model's (``?model=``), or both."""
+    gw = await require_admin(request)
+    prefix = gw.config.redis.prefix if gw.config.redis else "llmgw"
+    team = request.query.get("team")
+    model = request.query.get("model")
+    pattern = f"{prefix}:cache:{glob_escape(team) if team else '*'}:{glob_escape(model) if model else '*'}:*"
+    await gw.cache.clear(pattern)
+    return web.Response(status=204)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/teams", create_team)
     app.router.add_get("/admin/teams", list_teams)
@@ -214,3 +239,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/keys", create_key)
     app.router.add_get("/admin/keys", list_keys)
     app.router.add_delete("/admin/keys/{key}", delete_key)
+    app.router.add_delete("/admin/cache", clear_cache)

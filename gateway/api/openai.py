@@ -102,17 +102,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body, size = await read_json(request, gw.config.server.max_body_bytes)
     ctx = _context(request, gw, body, size, "chat")
     _validate_chat(body)
+    ctx.stream = body.get("stream") is True
     answer = await _admit(gw, ctx)
     if answer is not None:
         return answer
-    if body.get("stream") is True:
-        ctx.stream = True
+    if ctx.stream:
         options = body.get("stream_options")
         ctx.added_include_usage = not (isinstance(options, dict) and options.get("include_usage") is True)
         upstream = await gw.router.run(ctx, lambda target: stream_attempt(ctx, target))
         gateway_headers(ctx)
         return await relay_stream(request, ctx, upstream)
     result = await gw.router.run(ctx, lambda target: unary_attempt(ctx, target, "/chat/completions"))
+    ctx.response_body, ctx.complete = result.body, True
     return web.Response(body=result.body, content_type=JSON)
 
 
