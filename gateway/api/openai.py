@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.context import UNKNOWN_MODEL, RequestContext
 from gateway.errors import InvalidRequest, NotFound, RequestTooLarge
@@ -23,6 +24,8 @@ async def read_json(request: web.Request, limit: int) -> tuple[dict[str, Any], i
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+    except RequestPayloadError:  # e.g. Content-Encoding: gzip over a body that is not gzip
+        raise InvalidRequest("the request body could not be decoded", code="invalid_body") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

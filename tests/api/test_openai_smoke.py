@@ -9,7 +9,9 @@ from tests.conftest import RunningGateway, Upstream
 
 async def test_sdk_non_stream_and_stream(gw: RunningGateway, upstream: Upstream) -> None:
     client = gw.client()
-    reply = await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "héllo ✓"}])
+    reply = await client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "héllo ✓"}]
+    )
     assert reply.choices[0].message.content == "Mock answer: héllo ✓"
     assert reply.usage is not None and reply.usage.completion_tokens > 0
 
