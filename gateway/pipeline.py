@@ -66,6 +66,7 @@ class Limiter:
         self.local = store if isinstance(store, MemoryStore) else MemoryStore()
         self.fail_open_limits, self.fail_open_budgets = fail_open_limits, fail_open_budgets
         self.backlog: deque[Sequence[Op]] = deque(maxlen=100_000)  # spend to replay after an outage
+        self.replay_task: asyncio.Task[None] | None = None
         self._limited: dict[tuple[str, str], metrics.Counter] = {}
 
     async def enforce(self, ctx: RequestContext) -> None:
@@ -74,6 +75,8 @@ class Limiter:
             decision = await self.store.admit(checks)
         except StoreUnavailable:
             decision = await self._degraded(ctx, checks)
+        else:
+            self._replay_soon()  # the store answers again: book what the outage left behind
         _headers(ctx, checks, decision)
         if decision.failed is not None:
             self._refuse(ctx, decision)
@@ -130,17 +133,32 @@ class Limiter:
             local = [o for o in ops if o.kind in ("bucket", "release")]
             await self.local.settle(local)
             ops = [o for o in ops if o.kind not in ("bucket", "release")]
+        if not ops:
+            return
         try:
-            while self.backlog:
-                await self.store.settle(self.backlog[0])
-                self.backlog.popleft()
-            if ops:
-                await self.store.settle(ops)
+            await self.store.settle(ops)
         except StoreUnavailable:
-            # Spend and usage are replayed when the store is back: nothing is lost
-            # (a parallel slot left behind expires by itself).
-            if ops:
-                self.backlog.append(ops)
+            # Spend, usage and slot releases are replayed when the store is back: nothing is lost.
+            self.backlog.append(ops)
+            return
+        self._replay_soon()
+
+    def _replay_soon(self) -> None:
+        if self.backlog and (self.replay_task is None or self.replay_task.done()):
+            self.replay_task = asyncio.get_running_loop().create_task(self._replay())
+
+    async def _replay(self) -> None:
+        """One task at a time replays the backlog, each entry exactly once (concurrent replays of
+        ``backlog[0]`` would book it twice and drop the next one)."""
+        while self.backlog:
+            ops = self.backlog.popleft()
+            try:
+                await self.store.settle(ops)
+            except StoreUnavailable:
+                self.backlog.appendleft(ops)  # down again: the next successful call resumes
+                return
+            except Exception:
+                log.exception("replay_failed")
 
 
 def _headers(ctx: RequestContext, checks: Sequence[Check], decision: Decision) -> None:
@@ -189,9 +207,10 @@ class Pipeline:
             await self.limiter.enforce(ctx)
         return None
 
-    def finish(self, ctx: RequestContext) -> None:
-        """Called exactly once per request that entered ``admit``; the store I/O runs in the background
-        so neither the response nor a cancelled (disconnected) handler waits for it."""
+    def finish(self, ctx: RequestContext) -> asyncio.Task[None] | None:
+        """Called exactly once per request that entered ``admit``; the store I/O runs in a background
+        task, so a cancelled (disconnected) handler never waits for it. The task is returned for a
+        caller that must not answer before a parallel slot is free again."""
         pending: list[Awaitable[None]] = []
         for plugin in self.plugins:
             try:
@@ -201,10 +220,12 @@ class Pipeline:
                 continue
             if work is not None:
                 pending.append(work)
-        if ctx.ops or pending:
-            task = asyncio.get_running_loop().create_task(self._settle(ctx, pending))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if not (ctx.ops or pending):
+            return None
+        task = asyncio.get_running_loop().create_task(self._settle(ctx, pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _settle(self, ctx: RequestContext, pending: list[Awaitable[None]]) -> None:
         for work in (self.limiter.settle(ctx), *pending):
@@ -215,5 +236,6 @@ class Pipeline:
 
     async def drain(self) -> None:
         """Wait for background settlements (shutdown, and tests that read the books right after)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._tasks or (self.limiter.replay_task and not self.limiter.replay_task.done()):
+            replay = [self.limiter.replay_task] if self.limiter.replay_task else []
+            await asyncio.gather(*list(self._tasks), *replay, return_exceptions=True)

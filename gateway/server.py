@@ -153,14 +153,21 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response.headers.update(gateway_headers(ctx))
             else:
                 response.headers["x-request-id"] = rid
-        return response
     finally:
         metrics.IN_FLIGHT.dec()
-        if request.path.startswith(_LOGGED):
+        settling = (
             _finish(request, rid, status, time.perf_counter() - started)
+            if request.path.startswith(_LOGGED)
+            else None
+        )
+    if settling is not None:
+        # SECURITY/exactness: a client that sends its next request the moment it has this answer must
+        # find its parallel slot free, so the release is settled before the answer goes out.
+        await asyncio.shield(settling)
+    return response
 
 
-def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None:
+def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyncio.Task[None] | None:
     """Settle the request with the plugins, then the one access line and the request metrics."""
     ctx: RequestContext | None = request.get(CONTEXT)
     if ctx is None:
@@ -172,14 +179,14 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None
             status=status,
             latency_ms=round(elapsed * 1000, 2),
         )
-        return
+        return None
     if ctx.error is not None and status == 200:
         status = 502  # a stream that failed after it started: count it as the failure it was
     ctx.status = status
     usage = ctx.usage
     if usage is not None and ctx.cost_usd is None and ctx.cache != "hit":
         ctx.cost_usd = cost_usd(ctx.model.pricing, usage)
-    request.app[GATEWAY].pipeline.finish(ctx)
+    settling = request.app[GATEWAY].pipeline.finish(ctx)
     _request_metrics.observe(
         ctx.model.name, ctx.provider or "none", status, ctx.team or "none", elapsed, ctx.ttft
     )
@@ -210,6 +217,9 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None
         cache=ctx.cache,
         error=ctx.error,
     )
+    if settling is not None and any(c.kind == "parallel" for c in ctx.admitted):
+        return settling
+    return None
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -1,0 +1,261 @@
+"""``GET /api/v1/usage``: each team sees its own requests, tokens and cost — the numbers its SDK saw."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import defaultdict
+from typing import Any
+
+import aiohttp
+import jwt
+import openai
+import orjson
+import pytest
+
+from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
+
+MESSAGES = [{"role": "user", "content": "how many tokens is this?"}]
+BACKENDS = pytest.mark.parametrize("redis", [True, False], ids=["redis", "memory"])
+PRICING = {
+    "chat": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
+    "fast": {"input_per_mtok": 0.5, "output_per_mtok": 1.25},
+}
+FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_usd")
+JWT_SECRET = "usage-jwt-secret-" + "0123456789abcdef" * 3
+
+
+def usage_config(upstream_url: str, *, redis: bool = True, **team_a: Any) -> dict[str, Any]:
+    cfg = tenancy_config(upstream_url, redis=redis, **team_a)
+    cfg["models"][0]["pricing"] = PRICING["chat"]
+    cfg["models"].append(
+        {
+            "name": "fast",
+            "targets": [{"provider": "primary", "model": "mock-fast"}],
+            "pricing": PRICING["fast"],
+        }
+    )
+    return cfg
+
+
+async def get_usage(gw: RunningGateway, key: str | None, query: str = "") -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{gw.root}/api/v1/usage{query}", headers=headers) as resp,
+    ):
+        return resp.status, orjson.loads(await resp.read())
+
+
+class Expected:
+    """What the SDK was told, summed per model: the usage API must report the same."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0.0))
+
+    def add(self, model: str, usage: Any) -> None:
+        assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+        row = self.rows[model]
+        row["requests"] += 1
+        row["prompt_tokens"] += usage.prompt_tokens
+        row["completion_tokens"] += usage.completion_tokens
+        price = PRICING[model]
+        row["cost_usd"] += (
+            usage.prompt_tokens * price["input_per_mtok"] + usage.completion_tokens * price["output_per_mtok"]
+        ) / 1e6
+
+    def total(self) -> dict[str, float]:
+        return {k: sum(row[k] for row in self.rows.values()) for k in FIELDS}
+
+
+async def use(client: openai.AsyncOpenAI, expected: Expected, model: str, *, stream: bool = False) -> None:
+    if stream:
+        chunks = await client.chat.completions.create(
+            model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        usage = [c.usage async for c in chunks if c.usage is not None]
+        assert len(usage) == 1
+        expected.add(model, usage[0])
+    else:
+        reply = await client.chat.completions.create(model=model, messages=MESSAGES)
+        expected.add(model, reply.usage)
+
+
+def assert_report(report: dict[str, Any], team: str, expected: Expected) -> None:
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    assert report["team"] == team
+    assert report["end"] == today
+    assert report["start"] <= today
+    by_model: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for row in report["data"]:
+        assert report["start"] <= row["date"] <= report["end"]
+        for k in FIELDS:
+            by_model[row["model"]][k] += row[k]
+    assert set(by_model) == set(expected.rows)
+    for model, want in expected.rows.items():
+        got = by_model[model]
+        for k in ("requests", "prompt_tokens", "completion_tokens"):
+            assert got[k] == want[k], (model, k)
+        assert got["cost_usd"] == pytest.approx(want["cost_usd"], rel=1e-6, abs=1e-9)
+    total = expected.total()
+    for k in ("requests", "prompt_tokens", "completion_tokens"):
+        assert report["total"][k] == total[k], k
+    assert report["total"]["cost_usd"] == pytest.approx(total["cost_usd"], rel=1e-6, abs=1e-9)
+    assert report["total"]["cost_usd"] > 0
+
+
+async def settled(gw: RunningGateway) -> None:
+    await gw.gateway.pipeline.drain()
+
+
+@BACKENDS
+async def test_each_team_sees_its_own_usage(upstream, make_gateway, redis) -> None:
+    gw = await make_gateway(usage_config(upstream.url, redis=redis))
+    a, b = Expected(), Expected()
+    client_a, client_b = gw.client(api_key=TEAM_KEY), gw.client(api_key=TEAM_B_KEY)
+    await use(client_a, a, "chat")
+    await use(client_a, a, "chat", stream=True)
+    await use(client_a, a, "fast")
+    await use(client_a, a, "chat")
+    await use(client_b, b, "fast")
+    await use(client_b, b, "fast", stream=True)
+    await settled(gw)
+
+    status, report = await get_usage(gw, TEAM_KEY)
+    assert status == 200, report
+    assert_report(report, "team-a", a)
+    assert report["total"]["requests"] == 4
+    # Asking for its own team by name is the same report.
+    status, same = await get_usage(gw, TEAM_KEY, "?team=team-a")
+    assert status == 200
+    assert same["data"] == report["data"]
+
+    status, report = await get_usage(gw, TEAM_B_KEY)
+    assert status == 200
+    assert_report(report, "team-b", b)
+
+    status, report = await get_usage(gw, MASTER_KEY, "?team=team-b")
+    assert status == 200, report
+    assert_report(report, "team-b", b)
+
+
+@BACKENDS
+async def test_a_runtime_key_counts_for_its_team(upstream, make_gateway, redis) -> None:
+    gw = await make_gateway(usage_config(upstream.url, redis=redis))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gw.root + "/admin/keys",
+            json={"team": "team-a"},
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        ) as resp,
+    ):
+        key = (await resp.json())["key"]
+    expected = Expected()
+    await use(gw.client(api_key=key), expected, "chat")
+    await use(gw.client(api_key=TEAM_KEY), expected, "chat", stream=True)
+    await settled(gw)
+    for caller in (key, TEAM_KEY):
+        status, report = await get_usage(gw, caller)
+        assert status == 200
+        assert_report(report, "team-a", expected)
+
+
+async def test_usage_access_rules(upstream, make_gateway) -> None:
+    gw = await make_gateway(usage_config(upstream.url))
+    b = Expected()
+    await use(gw.client(api_key=TEAM_B_KEY), b, "chat")
+    await settled(gw)
+
+    status, body = await get_usage(gw, TEAM_KEY, "?team=team-b")
+    assert status == 403
+    assert body["error"]["type"] == "permission_error"
+    assert "prompt_tokens" not in orjson.dumps(body).decode()
+
+    status, body = await get_usage(gw, MASTER_KEY)
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"] == "team"
+
+    for key in (None, "wrong-key-0123456789"):
+        status, body = await get_usage(gw, key, "?team=team-b")
+        assert status == 401
+        assert body["error"]["type"] == "authentication_error"
+
+    # A team that made no calls has an empty, well-formed report.
+    status, report = await get_usage(gw, TEAM_KEY)
+    assert status == 200
+    assert report["data"] == []
+    assert report["total"] == {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0}
+
+
+async def test_refused_requests_cost_nothing(upstream, make_gateway) -> None:
+    gw = await make_gateway(usage_config(upstream.url, models=["chat"], limits={"rpm": 2}))
+    expected = Expected()
+    client = gw.client(api_key=TEAM_KEY)
+    await use(client, expected, "chat")
+    with pytest.raises(openai.PermissionDeniedError):
+        await client.chat.completions.create(model="fast", messages=MESSAGES)
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="chat", messages=[])
+    await use(client, expected, "chat")
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="chat", messages=MESSAGES)
+    await settled(gw)
+    status, report = await get_usage(gw, TEAM_KEY)
+    assert status == 200
+    assert_report(report, "team-a", expected)
+
+
+async def test_usage_date_range(upstream, make_gateway) -> None:
+    gw = await make_gateway(usage_config(upstream.url))
+    expected = Expected()
+    await use(gw.client(api_key=TEAM_KEY), expected, "chat")
+    await settled(gw)
+    today = dt.datetime.now(dt.UTC).date()
+    status, report = await get_usage(gw, TEAM_KEY, f"?start={today}&end={today}")
+    assert status == 200
+    assert (report["start"], report["end"]) == (today.isoformat(), today.isoformat())
+    assert_report(report, "team-a", expected)
+    earlier = today - dt.timedelta(days=30)
+    status, report = await get_usage(gw, TEAM_KEY, f"?start={earlier}&end={earlier + dt.timedelta(days=5)}")
+    assert status == 200
+    assert report["data"] == []
+    assert report["total"]["requests"] == 0
+    for query in (
+        "?start=yesterday",
+        "?end=2026-13-01",
+        f"?start={today}&end={earlier}",
+        "?start=2000-01-01",
+    ):
+        status, body = await get_usage(gw, TEAM_KEY, query)
+        assert status == 400, query
+        assert body["error"]["type"] == "invalid_request_error"
+
+
+async def test_usage_with_jwts(upstream, make_gateway) -> None:
+    cfg = usage_config(upstream.url)
+    cfg["auth"] = {"jwt": {"algorithms": ["HS256"], "secret": JWT_SECRET, "audience": "gw", "issuer": "idp"}}
+    gw = await make_gateway(cfg)
+
+    def token(**claims: Any) -> str:
+        now = int(time.time())
+        return jwt.encode(
+            {"aud": "gw", "iss": "idp", "exp": now + 60, **claims}, JWT_SECRET, algorithm="HS256"
+        )
+
+    b = Expected()
+    await use(gw.client(api_key=token(team="team-b")), b, "fast")
+    await settled(gw)
+    status, report = await get_usage(gw, token(team="team-b"))
+    assert status == 200
+    assert_report(report, "team-b", b)
+    status, _ = await get_usage(gw, token(team="team-a"), "?team=team-b")
+    assert status == 403
+    status, report = await get_usage(gw, token(role="admin"), "?team=team-b")
+    assert status == 200
+    assert_report(report, "team-b", b)
+    status, _ = await get_usage(gw, token(role="admin"))
+    assert status == 400
