@@ -435,8 +435,6 @@ def parse_team(data: Any, model_names: set[str], *, path: str = "", with_keys: b
     if not with_keys and "api_keys" in r.data:
         r.problem("api_keys", "keys are created with POST /admin/keys, not set on a team")
     team = _team(r, model_names)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", team.id or "-"):
-        r.problem("id", "must be 1-64 letters, digits, '.', '_' or '-'")
     if problems:
         raise ConfigError(problems)
     return team
@@ -467,8 +465,11 @@ def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
     bud.known("daily_usd", "monthly_usd", "daily_tokens", "monthly_tokens")
     none_i: int | None = None
     none_f: float | None = None
+    team_id = r.get("id", str, "", required=True)
+    if team_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", team_id):
+        r.problem("id", "must be 1-64 letters, digits, '.', '_' or '-'")
     return TeamConfig(
-        id=r.get("id", str, "", required=True),
+        id=team_id,
         key_hashes=tuple(hashes),
         models=models,
         limits=_limits(r.child("limits")),
@@ -526,6 +527,8 @@ def _jwt(r: _Reader) -> JwtConfig | None:
         r.problem("secret", "is required for HS* algorithms")
     if any(not a.startswith("HS") for a in algorithms) and not key_file:
         r.problem("public_key_file", "is required for RS*/ES*/PS* algorithms")
+    elif key_file and not Path(key_file).is_file():
+        r.problem("public_key_file", f"no such file: {key_file}")
     return JwtConfig(
         algorithms=algorithms,
         audience=r.get("audience", str, "", required=True),

@@ -18,7 +18,7 @@ from typing import TypeVar
 import structlog
 
 from gateway import metrics
-from gateway.config import Config, ModelConfig, RoutingConfig
+from gateway.config import CircuitBreakerConfig, Config, ModelConfig, RoutingConfig
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
 from gateway.providers import Provider
@@ -120,6 +120,7 @@ class Router:
         self.observe = observe  # live traffic feeds provider health
         cb = config.routing.circuit_breaker
         self.routes: dict[str, Route] = {}
+        self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
         for model in config.models:
             targets = [t for t in model.targets if config.provider(t.provider).configured]
             if not targets and config.routing.unconfigured_provider:
@@ -132,20 +133,18 @@ class Router:
                     reason="no API key set for any of its providers",
                 )
             self.routes[model.name] = Route(
-                model,
-                tuple(
-                    Target(
-                        providers[t.provider],
-                        t.model,
-                        CircuitBreaker(
-                            cb.failures,
-                            cb.cooldown_seconds,
-                            metrics.CIRCUIT_OPEN.labels(t.provider, t.model),
-                        ),
-                    )
-                    for t in targets
-                ),
+                model, tuple(self._target(providers[t.provider], t.model, cb) for t in targets)
             )
+
+    def _target(self, provider: Provider, model: str, cb: CircuitBreakerConfig) -> Target:
+        # One breaker per upstream (provider, model), shared by every model that routes to it: its
+        # health does not depend on which gateway model name the client used.
+        breaker = self._breakers.get((provider.name, model))
+        if breaker is None:
+            breaker = self._breakers[(provider.name, model)] = CircuitBreaker(
+                cb.failures, cb.cooldown_seconds, metrics.CIRCUIT_OPEN.labels(provider.name, model)
+            )
+        return Target(provider, model, breaker)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         s = self.settings

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.auth import Identity
 from gateway.config import Budgets, ConfigError, Limits, hash_key, parse_team
-from gateway.errors import GatewayError, InvalidRequest, NotFound, PermissionDenied
+from gateway.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway.runtime import GATEWAY, Gateway
 from gateway.state.base import KeyRecord
 from gateway.state.cache import glob_escape
@@ -64,7 +64,7 @@ async def create_team(request: web.Request) -> web.Response:
     except ConfigError as exc:
         raise _invalid(exc) from None
     if team.id in gw.auth.config_teams or await gw.store.get_team(team.id) is not None:
-        raise GatewayError(f"team {team.id!r} already exists", status=409, code="conflict")
+        raise InvalidRequest(f"team {team.id!r} already exists", status=409, code="conflict")
     data = team.public()
     await gw.store.put_team(team.id, data)
     gw.auth.forget(team_id=team.id)
@@ -83,7 +83,7 @@ async def list_teams(request: web.Request) -> web.Response:
 async def _runtime_team(gw: Gateway, team_id: str, *, write: bool) -> dict[str, Any]:
     if team_id in gw.auth.config_teams:
         if write:
-            raise GatewayError(
+            raise InvalidRequest(
                 f"team {team_id!r} is defined in the config file; change it there",
                 status=409,
                 code="config_team",
