@@ -186,8 +186,10 @@ def _duration(seconds: float) -> str:
     """OpenAI's reset format: ``1s``, ``6m0s``, ``250ms``."""
     if seconds < 1:
         return f"{max(0, int(seconds * 1000))}ms"
-    minutes, secs = divmod(seconds, 60)
-    return f"{int(minutes)}m{secs:.0f}s" if minutes else f"{secs:.1f}s".replace(".0s", "s")
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f}s".replace(".0s", "s")
+    minutes, secs = divmod(round(seconds), 60)  # rounded first: 119.97 s is 2m0s, not 1m60s
+    return f"{minutes}m{secs}s"
 
 
 class Pipeline:

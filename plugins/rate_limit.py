@@ -1,8 +1,9 @@
 """Requests per minute, tokens per minute and parallel requests — per team, per key, per team+model.
 
 Token limits reserve at admission (an estimate of the prompt plus ``max_tokens``, or
-``rate_limiting.default_max_tokens``) and are reconciled with the real usage when the request ends,
-whatever the outcome: the difference is taken or refunded, so reservations never leak.
+``rate_limiting.default_max_tokens`` capped at half the tightest tpm) and are reconciled with the real
+usage when the request ends, whatever the outcome: the difference is taken or refunded, so
+reservations never leak.
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ class RateLimitPlugin:
             scopes.append((f"{base}:m:{ctx.model.name}", model_limits))
         if identity.key is not None:
             scopes.append((f"{base}:k:{identity.key.id}", identity.key.limits))
+        tpm = min((limits.tpm for _, limits in scopes if limits.tpm), default=0)
+        if tpm and not ctx.reserved_tokens:
+            ctx.reserved_tokens = self._estimate(ctx, tpm)
         for key, limits in scopes:
             if limits.rpm:
                 ctx.checks.append(
                     Check("bucket", f"{key}:rpm", limits.rpm, "rpm", rate=limits.rpm / 60, cost=1)
                 )
             if limits.tpm:
-                if not ctx.reserved_tokens:
-                    ctx.reserved_tokens = self._estimate(ctx)
                 ctx.checks.append(
                     Check(
                         "bucket",
@@ -72,12 +74,17 @@ class RateLimitPlugin:
                 )
         return None
 
-    def _estimate(self, ctx: RequestContext) -> int:
+    def _estimate(self, ctx: RequestContext, tpm: int) -> int:
         body = ctx.body
+        prompt = estimate_prompt_tokens(ctx.body_size)
         completion = body.get("max_completion_tokens") or body.get("max_tokens")
         if not isinstance(completion, int) or isinstance(completion, bool):
-            completion = 0 if ctx.endpoint == "embeddings" else self.default_max_tokens
-        return estimate_prompt_tokens(ctx.body_size) + completion
+            # No max_tokens: reserve the default, but at most half of what the tightest tpm leaves
+            # after the prompt — a client that asked for nothing must not be refused as too large,
+            # nor have each request hold the whole bucket.
+            default = 0 if ctx.endpoint == "embeddings" else self.default_max_tokens
+            completion = max(0, min(default, (tpm - prompt) // 2))
+        return prompt + completion
 
     def finish(self, ctx: RequestContext) -> None:
         used = ctx.charged_tokens()

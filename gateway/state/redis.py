@@ -20,6 +20,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway import metrics
@@ -68,7 +71,14 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "llmgw", *, timeout: float = 0.5) -> None:
         self.prefix = prefix
         self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=64
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=64,
+            # A pooled connection that died with a restarted Redis is retried once, at once, on a new
+            # one (else every idle connection fails one request after Redis is back). Timeouts are not
+            # retried: a hung Redis must fail fast.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self.outage = OutageLog()
         self._pending: list[tuple[_Script, list[str], list[Any], asyncio.Future[Any]]] = []

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from gateway.pipeline import _duration
 from tests.conftest import MASTER_KEY, REDIS_URL, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
 
 
@@ -213,8 +214,7 @@ async def test_max_parallel_refuses_the_third_concurrent_request_and_frees_slots
     for reply in await asyncio.gather(*slow):
         assert reply.choices[0].message.content == "Mock answer: hi"
     upstream.state.faults.clear()
-    await gw.gateway.pipeline.drain()
-    # Both slots are free again: two concurrent requests pass.
+    # Both slots are free the moment the answers are out: two concurrent requests pass.
     statuses = await asyncio.gather(post(gw), post(gw))
     assert [s for s, _, _ in statuses] == [200, 200]
 
@@ -255,6 +255,7 @@ async def test_tpm_reservations_are_held_by_concurrent_requests(upstream, make_g
     refused = [(headers, body) for status, headers, body in results if status == 429]
     for headers, body in refused:
         assert "tokens per minute (1000)" in body["error"]["message"]
+        assert headers["x-ratelimit-limit-tokens"] == "1000"
         assert int(headers["x-ratelimit-remaining-tokens"]) < 320
         assert 1 <= int(headers["Retry-After"]) <= 20
     # Once they finished, their unused reservations came back: the same request fits again.
@@ -394,3 +395,25 @@ async def test_reservations_never_leak_after_mixed_outcomes(upstream, make_gatew
     status, headers, _ = await post(gw, max_tokens=2000)
     assert status == 200
     assert 30_000 - 2000 - 30 < int(headers["x-ratelimit-remaining-tokens"]) < 30_000 - 2000
+
+
+async def test_a_request_without_max_tokens_fits_a_small_tpm_limit(upstream, make_gateway) -> None:
+    # The default completion reservation (1024 tokens) must not refuse every request of a team whose
+    # tpm is smaller: the client asked for nothing the limit forbids.
+    gw = await make_gateway(tenancy_config(upstream.url, limits={"tpm": 500}))
+    client = gw.client(api_key=TEAM_KEY)
+    raw = await client.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
+    assert raw.parse().choices[0].message.content == "Mock answer: hi"
+    assert raw.headers["x-ratelimit-limit-tokens"] == "500"
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) >= 200  # about half the bucket reserved
+    # Reconciled like any other request: the next one is admitted too.
+    await gw.gateway.pipeline.drain()
+    await client.chat.completions.create(model="chat", messages=MESSAGES)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"),
+    [(0.25, "250ms"), (1, "1s"), (6, "6s"), (12.5, "12.5s"), (60, "1m0s"), (90, "1m30s"), (119.97, "2m0s")],
+)
+def test_reset_headers_use_openai_duration_format(seconds: float, header: str) -> None:
+    assert _duration(seconds) == header

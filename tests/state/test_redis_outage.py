@@ -1,0 +1,274 @@
+"""Redis killed and restarted under a running gateway: limits fail open (with a per-instance local
+limiter), budgets fail closed, nothing answers 500, logs stay quiet, and the spend of the outage is
+replayed into Redis once it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]  # $4 and 4 tokens at the mock with the prices below
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port that a test may kill and start again."""
+
+    def __init__(self, workdir: Path, persistent: bool = False) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.workdir = workdir
+        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += self.persistence or ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            ["redis-server", *args, "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def outage_config(upstream_url: str, server: RedisServer, **redis_options: Any) -> dict[str, Any]:
+    """team-a: a parallel limit and a $3 daily budget; team-b: rate limits only (rpm 3)."""
+    cfg = tenancy_config(upstream_url, limits={"max_parallel": 5}, budgets={"daily_usd": 3})
+    cfg["teams"][1]["limits"] = {"rpm": 3}
+    cfg["redis"].update(url=server.url, **redis_options)
+    pricing = {"input_per_mtok": 1_000_000.0, "output_per_mtok": 1_000_000.0}
+    cfg["models"][0]["pricing"] = pricing
+    cfg["models"].append(
+        {
+            "name": "slow",
+            "targets": [{"provider": "primary", "model": "mock-chat:chunks=4,chunk_delay=0.15"}],
+            "pricing": pricing,
+        }
+    )
+    return cfg
+
+
+async def chat(
+    gw: RunningGateway, key: str, model: str = "chat", content: str = "hi"
+) -> tuple[int, dict[str, str], Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gw.url + "/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": content}]},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as r,
+    ):
+        return r.status, dict(r.headers), await r.json(content_type=None)
+
+
+async def usage(gw: RunningGateway, team: str) -> dict[str, Any]:
+    await gw.gateway.pipeline.drain()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            gw.root + "/api/v1/usage",
+            params={"team": team},
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+        ) as r,
+    ):
+        assert r.status == 200, await r.text()
+        total: dict[str, Any] = (await r.json())["total"]
+        return total
+
+
+def redis_errors() -> float:
+    return REGISTRY.get_sample_value("llm_gateway_redis_errors_total", {"operation": "script"}) or 0.0
+
+
+def redis_log_events(gw: RunningGateway) -> list[str]:
+    return [line["event"] for line in gw.log_lines() if "redis" in str(line.get("event", ""))]
+
+
+async def test_redis_killed_and_restarted_mid_run(upstream, make_gateway, redis_server: RedisServer) -> None:
+    gw = await make_gateway(outage_config(upstream.url, redis_server))
+    assert (await chat(gw, TEAM_B_KEY))[0] == 200
+    # A team-a stream is admitted while Redis is up, and ends while it is down.
+    stream = await gw.client(api_key=TEAM_KEY).chat.completions.create(
+        model="slow", messages=MESSAGES, stream=True
+    )
+    await stream.__anext__()
+    errors_before = redis_errors()
+    redis_server.kill()
+    async for _ in stream:
+        pass
+
+    # Rate limits fail open onto the instance's own limiter, which still enforces rpm=3.
+    started = time.monotonic()
+    outage = [await chat(gw, TEAM_B_KEY) for _ in range(4)]
+    assert [status for status, _, _ in outage] == [200, 200, 200, 429]
+    _, headers, body = outage[3]
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert int(headers["Retry-After"]) >= 1
+    # Budgets fail closed: a clear 503, never a 500, and the upstream is not called.
+    calls = len(upstream.state.requests)
+    for _ in range(3):
+        status, _, body = await chat(gw, TEAM_KEY)
+        assert status == 503
+        assert body["error"]["code"] == "state_store_unavailable"
+        assert "budget" in body["error"]["message"]
+    assert len(upstream.state.requests) == calls
+    assert time.monotonic() - started < 2  # failing over does not wait on Redis for each request
+    assert redis_errors() >= errors_before + 7
+    await gw.gateway.pipeline.drain()
+    assert redis_log_events(gw) == ["redis_unavailable"]  # once per interval, not once per request
+
+    redis_server.start()
+    restarted = time.monotonic()
+    while (await chat(gw, TEAM_B_KEY))[0] != 200:  # the local rpm bucket is spent: 200 means Redis
+        assert time.monotonic() - restarted < 3, "requests are not admitted from Redis again"
+        await asyncio.sleep(0.05)
+    # The outage's spend was replayed: the stream's $4 is in team-a's books and closes its $3 budget.
+    team_a = await usage(gw, "team-a")
+    assert (team_a["requests"], team_a["cost_usd"], team_a["completion_tokens"]) == (1, 4.0, 3)
+    assert (await usage(gw, "team-b"))["requests"] == 4  # 3 served during the outage + 1 after
+    status, _, body = await chat(gw, TEAM_KEY)
+    assert (status, body["error"]["type"]) == (429, "insufficient_quota")
+    assert redis_log_events(gw) == ["redis_unavailable", "redis_recovered"]
+
+
+async def test_limits_fail_closed_when_configured(upstream, make_gateway, redis_server: RedisServer) -> None:
+    gw = await make_gateway(outage_config(upstream.url, redis_server, fail_open_limits=False))
+    assert (await chat(gw, TEAM_B_KEY))[0] == 200
+    redis_server.kill()
+    for _ in range(2):
+        status, _, body = await chat(gw, TEAM_B_KEY)
+        assert status == 503
+        assert (body["error"]["type"], body["error"]["code"]) == (
+            "service_unavailable",
+            "state_store_unavailable",
+        )
+        assert "rate limits" in body["error"]["message"]
+    redis_server.start()
+    deadline = time.monotonic() + 3
+    while (await chat(gw, TEAM_B_KEY))[0] != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_budgets_may_fail_open_when_configured(
+    upstream, make_gateway, redis_server: RedisServer
+) -> None:
+    gw = await make_gateway(outage_config(upstream.url, redis_server, fail_open_budgets=True))
+    redis_server.kill()
+    statuses = [(await chat(gw, TEAM_KEY))[0] for _ in range(2)]
+    assert statuses == [200, 200]
+
+
+async def test_outage_spend_is_replayed_exactly_once(
+    upstream, make_gateway, redis_server: RedisServer
+) -> None:
+    cfg = outage_config(upstream.url, redis_server)
+    cfg["teams"][1]["limits"] = {"rpm": 100}
+    gw = await make_gateway(cfg)
+    redis_server.kill()
+    tokens = 0
+    for text in ("a" * 4, "b" * 40, "c" * 120, "d" * 400):  # requests of different sizes
+        status, _, body = await chat(gw, TEAM_B_KEY, content=text)
+        assert status == 200
+        tokens += body["usage"]["total_tokens"]
+    redis_server.start()
+    # Several requests finish at once right after the restart: each outage request is booked once.
+    after = await asyncio.gather(*(chat(gw, TEAM_B_KEY) for _ in range(5)))
+    assert [status for status, _, _ in after] == [200] * 5
+    tokens += sum(body["usage"]["total_tokens"] for _, _, body in after)
+    total = await usage(gw, "team-b")
+    assert total["requests"] == 9
+    assert total["prompt_tokens"] + total["completion_tokens"] == tokens
+
+
+async def test_a_slot_released_during_the_outage_is_free_once_redis_is_back(
+    upstream, make_gateway, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path, persistent=True)  # Redis comes back with its data
+    server.start()
+    try:
+        cfg = outage_config(upstream.url, server)
+        cfg["teams"][1]["limits"] = {"max_parallel": 1}
+        gw = await make_gateway(cfg)
+        stream = await gw.client(api_key=TEAM_B_KEY).chat.completions.create(
+            model="slow", messages=MESSAGES, stream=True
+        )
+        await stream.__anext__()
+        server.kill()
+        async for _ in stream:  # ends while Redis is down: its slot is released in the backlog
+            pass
+        await gw.gateway.pipeline.drain()
+        server.start()
+        restarted = time.monotonic()
+        while (status := (await chat(gw, TEAM_B_KEY))[0]) != 200:
+            assert status == 429
+            assert time.monotonic() - restarted < 3, "the slot of a finished request is still held"
+            await asyncio.sleep(0.1)
+    finally:
+        server.kill()
+
+
+async def test_a_quick_redis_restart_fails_no_request(
+    upstream, make_gateway, redis_server: RedisServer
+) -> None:
+    cfg = outage_config(upstream.url, redis_server)
+    cfg["teams"][0].update(limits={"rpm": 1000}, budgets={"daily_usd": 1000})
+    gw = await make_gateway(cfg)
+    # Concurrent traffic leaves several pooled connections to Redis...
+    assert {s for s, _, _ in await asyncio.gather(*(chat(gw, TEAM_KEY) for _ in range(8)))} == {200}
+    await gw.gateway.pipeline.drain()
+    errors = redis_errors()
+    redis_server.kill()  # ... which all die with it, and Redis is back before the next request.
+    redis_server.start()
+    for _ in range(2):
+        statuses = [s for s, _, _ in await asyncio.gather(*(chat(gw, TEAM_KEY) for _ in range(8)))]
+        assert statuses == [200] * 8  # a budget team is never told the store is unavailable
+    assert redis_errors() == errors
+    assert redis_log_events(gw) == []
