@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 from gateway.config import Pricing
 from gateway.context import Usage
@@ -29,9 +30,25 @@ def cost_usd(pricing: Pricing, usage: Usage) -> float:
     ) / 1_000_000
 
 
+_current: tuple[float, str, str, float, float] = (0.0, "", "", 0.0, 0.0)
+
+
 def windows(now: dt.datetime | None = None) -> tuple[str, str, float, float]:
-    """(day id, month id, seconds to the day's end, seconds to the month's end), in UTC."""
-    now = now or dt.datetime.now(dt.UTC)
+    """(day id, month id, seconds to the day's end, seconds to the month's end), in UTC.
+
+    On the hot path (no ``now``) the calendar is worked out once per UTC day, not per request."""
+    global _current
+    if now is None:
+        t = time.time()
+        if t >= _current[0]:
+            day, month, day_left, month_left = _windows(dt.datetime.fromtimestamp(t, dt.UTC))
+            _current = (t + day_left, day, month, t + day_left, t + month_left)
+        _, day, month, day_end, month_end = _current
+        return day, month, day_end - t, month_end - t
+    return _windows(now)
+
+
+def _windows(now: dt.datetime) -> tuple[str, str, float, float]:
     day_end = dt.datetime(now.year, now.month, now.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
     month_end = dt.datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=dt.UTC)
     return (

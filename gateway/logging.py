@@ -6,9 +6,12 @@ It masks bearer tokens, ``sk-``-style keys and every secret the loaded config ho
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any, BinaryIO
 
@@ -32,6 +35,8 @@ class Redactor:
     def set_secrets(self, secrets: Iterable[str]) -> None:
         literal = [re.escape(s) for s in sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)]
         self.pattern = re.compile("|".join(literal + _GENERIC))
+        # A literal pre-check (~0.4 µs) spares the full pattern (~1.4 µs) on the usual clean string.
+        self.suspect = re.compile("|".join([*literal, "(?i:earer)", "sk-", "pk-", "rk-", "eyJ"]))
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in event.items():
@@ -41,7 +46,7 @@ class Redactor:
 
     def clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            return self.pattern.sub(REDACTED, value)
+            return self.pattern.sub(REDACTED, value) if self.suspect.search(value) else value
         if isinstance(value, dict):
             return {k: self.clean(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
@@ -50,6 +55,46 @@ class Redactor:
 
 
 REDACTOR = Redactor()
+
+
+class AccessLog:
+    """The per-request access line, written without structlog's processor chain (~3 µs, not ~30).
+
+    Its fields are the gateway's own (ids, names, numbers); the two a client can shape, the path
+    and the request id, go through the redactor. Lines are buffered and flushed within
+    ``FLUSH_SECONDS`` (and whenever another log line flushes), not one write syscall per request.
+    """
+
+    FLUSH_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.stream: BinaryIO = _binary(sys.stdout)
+        self._flush_scheduled = False
+        self._second = -1
+        self._prefix = ""
+
+    def write(self, fields: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        fields["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        self.stream.write(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self._flush)
+            except RuntimeError:  # no loop (a synchronous caller): write through
+                self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stdout must not stop us
+            self.stream.flush()
 
 
 def _orjson_bytes(logger: Any, name: str, event: MutableMapping[str, Any]) -> bytes:
@@ -61,9 +106,14 @@ def _binary(stream: Any) -> BinaryIO:
     return buffer
 
 
+ACCESS = AccessLog()
+
+
 def configure(level: str = "info", stream: Any = None, *, cache: bool = True) -> None:
     """Set up structlog (JSON lines, UTC timestamps) and route stdlib logging through it."""
     out = stream or sys.stdout
+    ACCESS.stream = _binary(out)
+    ACCESS.enabled = logging.getLevelName(level.upper()) <= logging.INFO
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

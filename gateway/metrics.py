@@ -6,6 +6,8 @@ outcomes — never keys, request ids or free text. Hot paths bind label children
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = ["Counter", "Gauge", "Histogram"]
@@ -46,6 +48,30 @@ COST = Counter("llm_gateway_cost_usd", "Spend in USD.", ["team", "model"])
 CACHE_REQUESTS = Counter("llm_gateway_cache_requests", "Cache lookups by result.", ["result"])
 RATE_LIMITED = Counter("llm_gateway_rate_limited", "Requests refused by a limit.", ["team", "limit"])
 IN_FLIGHT = Gauge("llm_gateway_in_flight_requests", "Requests being served.", multiprocess_mode="livesum")
+
+
+class InFlight:
+    """Requests being served. Single process: a plain integer read at scrape time (no lock per
+    request). Several workers: the multi-process gauge, which every worker writes to its file."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        if not self.multiprocess:
+            IN_FLIGHT.set_function(lambda: self.count)
+
+    def enter(self) -> None:
+        self.count += 1
+        if self.multiprocess:
+            IN_FLIGHT.inc()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.multiprocess:
+            IN_FLIGHT.dec()
+
+
+IN_FLIGHT_REQUESTS = InFlight()
 CIRCUIT_OPEN = Gauge(
     "llm_gateway_circuit_open",
     "1 while a target's circuit is open.",

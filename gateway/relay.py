@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,35 +37,31 @@ SSE_HEADERS = {
 
 
 class Watchdog:
-    __slots__ = ("_at", "_handle", "_loop", "_task", "deadline", "expired", "reason")
+    """An attempt's deadline. Setting it is a plain attribute store; one shared ticker per event
+    loop checks every live watchdog each ``TICK`` seconds (so no timer is created or cancelled per
+    request or per chunk), and cancels the request task of one whose deadline has passed."""
+
+    __slots__ = ("_task", "deadline", "expired", "reason")
+    TICK = 0.05
 
     def __init__(self, deadline: float, reason: str) -> None:
-        self._loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self.deadline, self.reason = deadline, reason
         self.expired: str | None = None
-        self._at = deadline
-        self._handle = self._loop.call_at(deadline, self._fire)
+        _ticker().active.add(self)
 
     def move(self, deadline: float, reason: str) -> None:
         self.deadline, self.reason = deadline, reason
-        if deadline < self._at:  # only an earlier deadline needs a new timer
-            self._handle.cancel()
-            self._at = deadline
-            self._handle = self._loop.call_at(deadline, self._fire)
 
-    def _fire(self) -> None:
-        if self._loop.time() < self.deadline:
-            self._at = self.deadline
-            self._handle = self._loop.call_at(self.deadline, self._fire)
-            return
+    def expire(self) -> None:
         self.expired = self.reason
+        _ticker().active.discard(self)
         self._task.cancel()
 
     def stop(self) -> None:
-        self._handle.cancel()
+        _ticker().active.discard(self)
 
     def absorb(self) -> bool:
         """In an ``except CancelledError``: True (and the cancel is undone) if this watchdog fired."""
@@ -72,6 +69,35 @@ class Watchdog:
             return False
         self._task.uncancel()
         return True
+
+
+class _Ticker:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.active: set[Watchdog] = set()
+        loop.call_later(Watchdog.TICK, self.tick)
+
+    def tick(self) -> None:
+        now = self.loop.time()
+        for watchdog in [w for w in self.active if w.deadline <= now]:
+            watchdog.expire()
+        self.loop.call_later(Watchdog.TICK, self.tick)
+
+
+_tickers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker] = weakref.WeakKeyDictionary()
+_last: tuple[asyncio.AbstractEventLoop | None, _Ticker | None] = (None, None)
+
+
+def _ticker() -> _Ticker:
+    global _last
+    loop = asyncio.get_running_loop()
+    if _last[0] is loop and _last[1] is not None:
+        return _last[1]
+    ticker = _tickers.get(loop)
+    if ticker is None:
+        ticker = _tickers[loop] = _Ticker(loop)
+    _last = (loop, ticker)
+    return ticker
 
 
 def upstream_payload(ctx: RequestContext, target: Target) -> bytes:
@@ -146,7 +172,11 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
         wd.move(total, "total")
         if resp.status != 200:
             await _fail_on_status(target, resp)
-        body = await _read_body(resp, MAX_UPSTREAM_BODY)
+        length = resp.content_length
+        if length is not None and length <= MAX_UPSTREAM_BODY:
+            body = await resp.read()  # the usual case: one call, no loop
+        else:
+            body = await _read_body(resp, MAX_UPSTREAM_BODY)
     except asyncio.CancelledError:
         if wd.absorb():
             raise AttemptFailed(

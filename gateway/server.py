@@ -35,6 +35,7 @@ from gateway.errors import (
     ServiceUnavailable,
     error_body,
 )
+from gateway.logging import ACCESS, REDACTOR
 from gateway.pipeline import Limiter, Pipeline, Services
 from gateway.probes import Prober
 from gateway.providers import Provider, create
@@ -47,12 +48,12 @@ from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
 
 log = structlog.get_logger("gateway")
-access = structlog.get_logger("gateway.access")
 
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _PREFIX = os.urandom(4).hex()
 _counter = itertools.count(1)
 _LOGGED = ("/v1/", "/admin/", "/api/")
+_GENERATED = f"req_{_PREFIX}"
 
 
 def new_request_id() -> str:
@@ -104,6 +105,7 @@ class _RequestMetrics:
 
 
 _request_metrics = _RequestMetrics()
+in_flight = metrics.IN_FLIGHT_REQUESTS
 
 
 def _http_error(exc: web.HTTPException) -> GatewayError:
@@ -124,7 +126,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = rid
     started = time.perf_counter()
     status = 500
-    metrics.IN_FLIGHT.inc()
+    in_flight.enter()
     try:
         try:
             response = await handler(request)
@@ -154,7 +156,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             else:
                 response.headers["x-request-id"] = rid
     finally:
-        metrics.IN_FLIGHT.dec()
+        in_flight.leave()
         settling = (
             _finish(request, rid, status, time.perf_counter() - started)
             if request.path.startswith(_LOGGED)
@@ -167,17 +169,25 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+def _clean_id(rid: str) -> str:
+    # A client-chosen id could be key-shaped; the gateway's own never is.
+    return rid if rid.startswith(_GENERATED) else REDACTOR.clean(rid)
+
+
 def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyncio.Task[None] | None:
     """Settle the request with the plugins, then the one access line and the request metrics."""
     ctx: RequestContext | None = request.get(CONTEXT)
     if ctx is None:
-        access.info(
-            "request",
-            request_id=rid,
-            method=request.method,
-            path=request.path,
-            status=status,
-            latency_ms=round(elapsed * 1000, 2),
+        ACCESS.write(
+            {
+                "event": "request",
+                "level": "info",
+                "request_id": _clean_id(rid),
+                "method": request.method,
+                "path": REDACTOR.clean(request.path),
+                "status": status,
+                "latency_ms": round(elapsed * 1000, 2),
+            }
         )
         return None
     if ctx.error is not None and status == 200:
@@ -198,24 +208,27 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
             usage.completion_tokens,
             ctx.cost_usd or 0.0,
         )
-    access.info(
-        "request",
-        request_id=rid,
-        path=request.path,
-        team=ctx.team,
-        model=ctx.model.name,
-        provider=ctx.provider,
-        upstream_model=ctx.upstream_model,
-        status=status,
-        stream=ctx.stream,
-        attempts=ctx.attempts,
-        latency_ms=round(elapsed * 1000, 2),
-        ttft_ms=None if ctx.ttft is None else round(ctx.ttft * 1000, 2),
-        prompt_tokens=usage.prompt_tokens if usage else None,
-        completion_tokens=usage.completion_tokens if usage else None,
-        cost_usd=ctx.cost_usd,
-        cache=ctx.cache,
-        error=ctx.error,
+    ACCESS.write(
+        {
+            "event": "request",
+            "level": "info",
+            "request_id": _clean_id(rid),
+            "path": request.path,  # a routed /v1 path: fixed text
+            "team": ctx.team,
+            "model": ctx.model.name,
+            "provider": ctx.provider,
+            "upstream_model": ctx.upstream_model,
+            "status": status,
+            "stream": ctx.stream,
+            "attempts": ctx.attempts,
+            "latency_ms": round(elapsed * 1000, 2),
+            "ttft_ms": None if ctx.ttft is None else round(ctx.ttft * 1000, 2),
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "cost_usd": ctx.cost_usd,
+            "cache": ctx.cache,
+            "error": ctx.error,
+        }
     )
     if settling is not None and any(c.kind == "parallel" for c in ctx.admitted):
         return settling

@@ -20,7 +20,7 @@ class StoreUnavailable(Exception):
     """The backing store cannot be reached; callers apply their fail-open/closed policy."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Check:
     """One limit to check and take at admission.
 
@@ -47,7 +47,7 @@ class Decision:
     remaining: list[tuple[float, float]]  # per check: (remaining, seconds until full)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Op:
     """One settlement step: "bucket" (adjust by delta), "release", "incr" (counter), "hincr" (hash)."""
 
