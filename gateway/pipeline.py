@@ -237,7 +237,9 @@ class Pipeline:
                 log.exception("settle_failed", request_id=ctx.request_id)
 
     async def drain(self) -> None:
-        """Wait for background settlements (shutdown, and tests that read the books right after)."""
+        """Wait for background settlements (shutdown, and tests that read the books right after),
+        including one more try at booking what an outage left behind."""
+        self.limiter._replay_soon()
         while self._tasks or (self.limiter.replay_task and not self.limiter.replay_task.done()):
             replay = [self.limiter.replay_task] if self.limiter.replay_task else []
             await asyncio.gather(*list(self._tasks), *replay, return_exceptions=True)
