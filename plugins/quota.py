@@ -63,22 +63,28 @@ class QuotaPlugin:
         day, month, _, _ = windows()
         tokens = ctx.charged_tokens()
         cost = ctx.cost_usd or 0.0
-        for base, _ in scopes:
-            if cost:
-                ctx.ops.append(Op("incr", f"{base}:usd:d:{day}", cost, DAY_TTL))
-                ctx.ops.append(Op("incr", f"{base}:usd:m:{month}", cost, MONTH_TTL))
-            if tokens:
-                ctx.ops.append(Op("incr", f"{base}:tok:d:{day}", tokens, DAY_TTL))
-                ctx.ops.append(Op("incr", f"{base}:tok:m:{month}", tokens, MONTH_TTL))
+        for base, budgets in scopes:
+            # Counters exist only for the windows a budget is set on (the usage report has the rest).
+            if cost and budgets.daily_usd is not None:
+                ctx.ops.append(Op("incr", f"{base}:usd:d:{day}", (cost, DAY_TTL)))
+            if cost and budgets.monthly_usd is not None:
+                ctx.ops.append(Op("incr", f"{base}:usd:m:{month}", (cost, MONTH_TTL)))
+            if tokens and budgets.daily_tokens is not None:
+                ctx.ops.append(Op("incr", f"{base}:tok:d:{day}", (tokens, DAY_TTL)))
+            if tokens and budgets.monthly_tokens is not None:
+                ctx.ops.append(Op("incr", f"{base}:tok:m:{month}", (tokens, MONTH_TTL)))
         assert ctx.team is not None
-        report = usage_key(self.prefix, ctx.team, day)
-        model = ctx.model.name
-        usage = ctx.usage
-        ctx.ops.append(Op("hincr", report, f"{model}|requests", 1, USAGE_TTL))
-        if usage is not None and ctx.cache != "hit":
-            ctx.ops.append(Op("hincr", report, f"{model}|prompt_tokens", usage.prompt_tokens, USAGE_TTL))
-            ctx.ops.append(
-                Op("hincr", report, f"{model}|completion_tokens", usage.completion_tokens, USAGE_TTL)
+        usage = ctx.usage if ctx.cache != "hit" else None
+        ctx.ops.append(
+            Op(
+                "usage",
+                usage_key(self.prefix, ctx.team, day),
+                (
+                    ctx.model.name,
+                    usage.prompt_tokens if usage else 0,
+                    usage.completion_tokens if usage else 0,
+                    cost,
+                    USAGE_TTL,
+                ),
             )
-        if cost:
-            ctx.ops.append(Op("hincr", report, f"{model}|cost_usd", cost, USAGE_TTL))
+        )

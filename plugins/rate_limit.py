@@ -92,6 +92,6 @@ class RateLimitPlugin:
             if check.label == "tpm":
                 delta = used - check.cost
                 if delta:
-                    ctx.ops.append(Op("bucket", check.key, check.limit, check.rate, delta))
+                    ctx.ops.append(Op("bucket", check.key, (check.limit, check.rate, delta)))
             elif check.kind == "parallel":
-                ctx.ops.append(Op("release", check.key, check.member))
+                ctx.ops.append(Op("release", check.key, (check.member,)))

@@ -49,13 +49,18 @@ class Decision:
 
 @dataclass(slots=True)
 class Op:
-    """One settlement step: "bucket" (adjust by delta), "release", "incr" (counter), "hincr" (hash)."""
+    """One settlement step, by kind:
+
+    "bucket" (capacity, rate, delta): take (delta > 0) or refund tokens, capped at capacity.
+    "release" (member,): free a parallel slot.
+    "incr" (amount, ttl_s): add to a budget counter.
+    "usage" (model, prompt_tokens, completion_tokens, cost_usd, ttl_s): book one request in the
+    per-day usage report (a hash with ``model|requests``, ``model|prompt_tokens``, ... fields).
+    """
 
     kind: str
     key: str
-    a: float | str = 0
-    b: float | str = 0
-    c: float | str = 0
+    values: tuple[float | str, ...]
 
 
 @dataclass(slots=True)

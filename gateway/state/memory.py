@@ -71,17 +71,27 @@ class MemoryStore:
     async def settle(self, ops: Sequence[Op]) -> None:
         now, wall = time.monotonic(), time.time()
         for op in ops:
+            v = op.values
             if op.kind == "bucket":
-                limit, rate = float(op.a), float(op.b)
+                limit, rate = float(v[0]), float(v[1])
                 tokens = self._bucket(op.key, limit, rate, now)
-                self._buckets[op.key] = (min(limit, tokens - float(op.c)), now)
+                self._buckets[op.key] = (min(limit, tokens - float(v[2])), now)
             elif op.kind == "release":
-                self._parallel.get(op.key, {}).pop(str(op.a), None)
+                self._parallel.get(op.key, {}).pop(str(v[0]), None)
             elif op.kind == "incr":
-                self._counters[op.key] = (self._counter(op.key, wall) + float(op.a), wall + float(op.b))
+                self._counters[op.key] = (self._counter(op.key, wall) + float(v[0]), wall + float(v[1]))
             else:
                 fields = self._hashes.setdefault(op.key, {})
-                fields[str(op.a)] = fields.get(str(op.a), 0.0) + float(op.b)
+                model = str(v[0])
+                for name, amount in (
+                    ("requests", 1),
+                    ("prompt_tokens", v[1]),
+                    ("completion_tokens", v[2]),
+                    ("cost_usd", v[3]),
+                ):
+                    if float(amount):
+                        field = f"{model}|{name}"
+                        fields[field] = fields.get(field, 0.0) + float(amount)
 
     async def counter(self, key: str) -> float:
         return self._counter(key, time.time())

@@ -30,7 +30,7 @@ from gateway.state.resp import ReplyError, RespPipe
 
 log = structlog.get_logger("gateway.state")
 _LUA = Path(__file__).parent / "lua"
-_KIND = {"bucket": "b", "parallel": "p", "budget": "q", "release": "p", "incr": "i", "hincr": "h"}
+_KIND = {"bucket": "b", "release": "p", "incr": "i", "usage": "u"}
 
 
 class _Script:
@@ -99,29 +99,24 @@ class RedisStore:
         return reply
 
     async def admit(self, checks: Sequence[Check]) -> Decision:
-        keys: list[str] = []
-        args: list[Any] = []
-        for c in checks:
-            keys.append(c.key)
-            if c.kind == "bucket":
-                args += ("b", c.limit, c.rate, c.cost)
-            elif c.kind == "parallel":
-                args += ("p", c.limit, c.member, c.stale_ms)
-            else:
-                args += ("q", c.limit, "", c.stale_ms)
-        out = await self._script(ADMIT, keys, args)
+        # One argument per check (fields joined by \x1f): encoding costs per argument, not per byte.
+        specs = [
+            f"b\x1f{c.limit!r}\x1f{c.rate!r}\x1f{c.cost!r}"
+            if c.kind == "bucket"
+            else f"p\x1f{c.limit!r}\x1f{c.member}\x1f{c.stale_ms}"
+            if c.kind == "parallel"
+            else f"q\x1f{c.limit!r}\x1f-\x1f{c.stale_ms}"
+            for c in checks
+        ]
+        out = await self._script(ADMIT, [c.key for c in checks], specs)
         failed_index, retry_ms = int(out[0]), int(out[1])
         remaining = [(float(out[i]), float(out[i + 1]) / 1000) for i in range(2, len(out), 2)]
         failed = checks[failed_index - 1] if failed_index else None
         return Decision(failed, -1.0 if retry_ms < 0 else retry_ms / 1000, remaining)
 
     async def settle(self, ops: Sequence[Op]) -> None:
-        keys: list[str] = []
-        args: list[Any] = []
-        for op in ops:
-            keys.append(op.key)
-            args += (_KIND[op.kind], op.a, op.b, op.c)
-        await self._script(SETTLE, keys, args)
+        specs = ["\x1f".join([_KIND[op.kind], *map(str, op.values)]) for op in ops]
+        await self._script(SETTLE, [op.key for op in ops], specs)
 
     # -- reads and the directory (admin paths, not per request) -------------------------------
     async def _call(self, operation: str, method: str, *args: Any) -> Any:

@@ -29,15 +29,13 @@ ReplyError = hiredis.ReplyError
 
 
 def encode(args: tuple[Any, ...]) -> bytes:
-    """A command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
+    """A command as a RESP array of bulk strings, built as one str and encoded once."""
+    parts = [f"*{len(args)}\r\n"]
     for arg in args:
-        if not isinstance(arg, bytes):
-            arg = (
-                arg if isinstance(arg, str) else repr(arg) if isinstance(arg, float) else str(arg)
-            ).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
+        text = arg if isinstance(arg, str) else repr(arg)  # repr: exact for int and float
+        size = len(text) if text.isascii() else len(text.encode())
+        parts.append(f"${size}\r\n{text}\r\n")
+    return "".join(parts).encode()
 
 
 class _Protocol(asyncio.Protocol):

@@ -141,13 +141,16 @@ async def test_spend_of_a_past_window_does_not_count(upstream, make_gateway, red
     base = f"{prefix}:{{team-a}}"
     # Far over both budgets, yesterday and last month.
     await store.settle(
-        [Op("incr", f"{base}:usd:d:{yesterday}", 100, 60), Op("incr", f"{base}:tok:m:{last_month}", 1e6, 60)]
+        [
+            Op("incr", f"{base}:usd:d:{yesterday}", (100, 60)),
+            Op("incr", f"{base}:tok:m:{last_month}", (1e6, 60)),
+        ]
     )
     client = gw.client(api_key=TEAM_KEY)
     await client.chat.completions.create(model="chat", messages=MESSAGES)
     await gw.gateway.pipeline.drain()
     # The same spend today is what closes the daily budget.
-    await store.settle([Op("incr", f"{base}:usd:d:{today}", 100, 60)])
+    await store.settle([Op("incr", f"{base}:usd:d:{today}", (100, 60))])
     with pytest.raises(openai.RateLimitError) as caught:
         await client.chat.completions.create(model="chat", messages=MESSAGES)
     assert caught.value.code == "insufficient_quota"

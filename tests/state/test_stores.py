@@ -93,7 +93,7 @@ async def test_a_cost_above_the_capacity_is_refused_for_good(backend: Backend) -
 async def test_admission_is_all_or_nothing(backend: Backend) -> None:
     store = backend.store
     rpm, par, usd = backend.key("rpm"), backend.key("par"), backend.key("usd")
-    await store.settle([Op("incr", usd, 1.0, 60)])  # the budget is spent
+    await store.settle([Op("incr", usd, (1.0, 60))])  # the budget is spent
     checks = [bucket(rpm, 5, 0.001), slot(par, 1, "req-1"), budget(usd, 1.0, window_ms=7_000)]
     decision = await store.admit(checks)
     assert decision.failed == checks[2]
@@ -132,9 +132,9 @@ async def test_parallel_slots_are_added_released_and_reported(backend: Backend) 
     third = await store.admit([slot(par, 2, "c")])
     assert third.failed is not None
     assert third.retry_after == pytest.approx(1.0)
-    await store.settle([Op("release", par, "a")])
+    await store.settle([Op("release", par, ("a",))])
     assert (await store.admit([slot(par, 2, "c")])).failed is None
-    await store.settle([Op("release", par, "never-admitted")])  # harmless
+    await store.settle([Op("release", par, ("never-admitted",))])  # harmless
     assert (await store.admit([slot(par, 2, "d")])).failed is not None
 
 
@@ -149,12 +149,12 @@ async def test_a_slot_left_behind_expires_after_its_stale_time(backend: Backend)
 async def test_budget_counters_add_up_and_refuse_once_reached(backend: Backend) -> None:
     store, usd = backend.store, backend.key("usd")
     assert await store.counter(usd) == 0
-    await store.settle([Op("incr", usd, 0.4, 60)])
-    await store.settle([Op("incr", usd, 0.35, 60)])
+    await store.settle([Op("incr", usd, (0.4, 60))])
+    await store.settle([Op("incr", usd, (0.35, 60))])
     assert await store.counter(usd) == pytest.approx(0.75)
     allowed = await store.admit([budget(usd, 1.0)])
     assert allowed.failed is None
-    await store.settle([Op("incr", usd, 0.25, 60)])
+    await store.settle([Op("incr", usd, (0.25, 60))])
     refused = await store.admit([budget(usd, 1.0, window_ms=3_600_000)])
     assert refused.failed is not None and refused.failed.label == "budget"
     assert refused.retry_after == pytest.approx(3600)
@@ -164,7 +164,7 @@ async def test_budget_counters_add_up_and_refuse_once_reached(backend: Backend) 
 async def test_refund_is_capped_at_capacity(backend: Backend) -> None:
     store, tpm = backend.store, backend.key("tpm")
     assert (await store.admit([bucket(tpm, 10, 0.001, cost=4)])).remaining[0][0] == 6
-    await store.settle([Op("bucket", tpm, 10, 0.001, -100)])  # a refund far larger than what was taken
+    await store.settle([Op("bucket", tpm, (10, 0.001, -100))])  # a refund far larger than what was taken
     decision = await store.admit([bucket(tpm, 10, 0.001, cost=1)])
     assert decision.remaining[0][0] == 9
     # A refund never lets more than the capacity through at once.
@@ -174,7 +174,7 @@ async def test_refund_is_capped_at_capacity(backend: Backend) -> None:
 async def test_usage_above_the_reservation_is_taken_as_debt(backend: Backend) -> None:
     store, tpm = backend.store, backend.key("tpm")
     assert (await store.admit([bucket(tpm, 10, 1, cost=2)])).failed is None
-    await store.settle([Op("bucket", tpm, 10, 1, 13)])  # used 15 where 2 were reserved
+    await store.settle([Op("bucket", tpm, (10, 1, 13))])  # used 15 where 2 were reserved
     refused = await store.admit([bucket(tpm, 10, 1, cost=1)])
     assert refused.failed is not None
     assert 5.5 <= refused.retry_after <= 6.01  # from -5 back to 1 token at 1 per second
@@ -182,13 +182,14 @@ async def test_usage_above_the_reservation_is_taken_as_debt(backend: Backend) ->
 
 async def test_usage_report_fields_accumulate(backend: Backend) -> None:
     store, report = backend.store, backend.key("usage:20260101")
-    await store.settle(
-        [Op("hincr", report, "chat|requests", 1, 60), Op("hincr", report, "chat|cost_usd", 0.5, 60)]
-    )
-    await store.settle(
-        [Op("hincr", report, "chat|requests", 1, 60), Op("hincr", report, "chat|cost_usd", 0.25, 60)]
-    )
-    assert await store.usage(report) == {"chat|requests": 2.0, "chat|cost_usd": 0.75}
+    await store.settle([Op("usage", report, ("chat", 10, 5, 0.5, 60))])
+    await store.settle([Op("usage", report, ("chat", 3, 0, 0.25, 60))])
+    assert await store.usage(report) == {
+        "chat|requests": 2.0,
+        "chat|prompt_tokens": 13.0,
+        "chat|completion_tokens": 5.0,
+        "chat|cost_usd": 0.75,
+    }
     assert await store.usage(backend.key("usage:20260102")) == {}
 
 
@@ -198,7 +199,7 @@ async def test_one_settlement_applies_every_step(backend: Backend) -> None:
     admitted = await store.admit([bucket(tpm, 100, 0.001, cost=50), slot(par, 1, "r1")])
     assert admitted.failed is None
     await store.settle(
-        [Op("bucket", tpm, 100, 0.001, -30), Op("release", par, "r1"), Op("incr", usd, 0.01, 60)]
+        [Op("bucket", tpm, (100, 0.001, -30)), Op("release", par, ("r1",)), Op("incr", usd, (0.01, 60))]
     )
     after = await store.admit([bucket(tpm, 100, 0.001, cost=1), slot(par, 1, "r2")])
     assert after.failed is None

@@ -1,6 +1,7 @@
 -- Check and take every limit of one request atomically: all pass and are taken, or none is.
 -- KEYS[i]: the key of check i (all share one {team} hash tag, so this runs on Redis Cluster).
--- ARGV: 4 values per check: kind, limit, rate_or_member, cost_or_stale_ms
+-- ARGV[i]: check i as one string of 4 fields separated by \31 (one argument per check keeps the
+-- gateway's encoding cheap): kind, limit, rate_or_member, cost_or_stale_ms
 --   kind "b" token bucket: limit = capacity, rate = refill per second, cost = tokens to take
 --   kind "p" parallel:     limit = max members, member = request id, stale_ms = forget after
 --   kind "q" budget:       limit = ceiling; denied when the counter has reached it
@@ -10,12 +11,17 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS
 local out = {0, 0}
 local state = {}
+local spec = {}
 for i = 1, n do
-  local kind = ARGV[i * 4 - 3]
-  local limit = tonumber(ARGV[i * 4 - 2])
+  local kind, a, b, c = string.match(ARGV[i], "^([^\31]+)\31([^\31]+)\31([^\31]+)\31([^\31]+)$")
+  spec[i] = {kind, a, b, c}
+end
+for i = 1, n do
+  local kind = spec[i][1]
+  local limit = tonumber(spec[i][2])
   if kind == 'b' then
-    local rate = tonumber(ARGV[i * 4 - 1]) / 1000.0
-    local cost = tonumber(ARGV[i * 4])
+    local rate = tonumber(spec[i][3]) / 1000.0
+    local cost = tonumber(spec[i][4])
     local v = redis.call('HMGET', KEYS[i], 't', 'ts')
     local tokens = tonumber(v[1]) or limit
     local ts = tonumber(v[2]) or now
@@ -30,7 +36,7 @@ for i = 1, n do
     out[#out + 1] = math.floor(left)
     out[#out + 1] = math.ceil((limit - left) / rate)
   elseif kind == 'p' then
-    local stale = tonumber(ARGV[i * 4])
+    local stale = tonumber(spec[i][4])
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - stale)
     local count = redis.call('ZCARD', KEYS[i])
     if count >= limit and out[1] == 0 then
@@ -43,7 +49,7 @@ for i = 1, n do
     local used = tonumber(redis.call('GET', KEYS[i]) or '0')
     if used >= limit and out[1] == 0 then
       out[1] = i
-      out[2] = tonumber(ARGV[i * 4]) -- seconds to the window's end, in ms
+      out[2] = tonumber(spec[i][4]) -- seconds to the window's end, in ms
     end
     out[#out + 1] = math.floor(math.max(0, limit - used))
     out[#out + 1] = 0
@@ -51,16 +57,16 @@ for i = 1, n do
 end
 if out[1] ~= 0 then return out end
 for i = 1, n do
-  local kind = ARGV[i * 4 - 3]
+  local kind = spec[i][1]
   if kind == 'b' then
-    local limit = tonumber(ARGV[i * 4 - 2])
-    local rate = tonumber(ARGV[i * 4 - 1]) / 1000.0
-    local left = state[i] - tonumber(ARGV[i * 4])
+    local limit = tonumber(spec[i][2])
+    local rate = tonumber(spec[i][3]) / 1000.0
+    local left = state[i] - tonumber(spec[i][4])
     redis.call('HSET', KEYS[i], 't', tostring(left), 'ts', now)
     redis.call('PEXPIRE', KEYS[i], math.ceil((limit - left) / rate) + 1000)
   elseif kind == 'p' then
-    redis.call('ZADD', KEYS[i], now, ARGV[i * 4 - 1])
-    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[i * 4]))
+    redis.call('ZADD', KEYS[i], now, spec[i][3])
+    redis.call('PEXPIRE', KEYS[i], tonumber(spec[i][4]))
   end
 end
 return out

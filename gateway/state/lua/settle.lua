@@ -1,30 +1,37 @@
--- Settle a finished request in one round trip. KEYS[i] pairs with 4 ARGV values:
---   "b" key capacity rate delta : adjust a token bucket by delta (>0 takes, <0 refunds, capped)
---   "p" key member -  -         : release a parallel slot
---   "i" key amount ttl_s -      : add to a counter (budgets), keep it ttl_s
---   "h" key field amount ttl_s  : add to a hash field (usage report), keep it ttl_s
+-- Settle a finished request in one round trip. ARGV[i] pairs with KEYS[i]: one string of fields
+-- separated by \31 (one argument per step keeps the gateway's encoding cheap):
+--   b capacity rate delta                    adjust a token bucket (>0 takes, <0 refunds, capped)
+--   p member                                 release a parallel slot
+--   i amount ttl_s                           add to a counter (budgets), keep it ttl_s
+--   u model prompt completion cost ttl_s     one request in the usage report (a hash), keep it ttl_s
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, #KEYS do
-  local kind, a, b, c = ARGV[i * 4 - 3], ARGV[i * 4 - 2], ARGV[i * 4 - 1], ARGV[i * 4]
+  local f = {}
+  for v in string.gmatch(ARGV[i], "[^\31]+") do f[#f + 1] = v end
+  local kind = f[1]
   if kind == 'b' then
-    local limit = tonumber(a)
-    local rate = tonumber(b) / 1000.0
+    local limit = tonumber(f[2])
+    local rate = tonumber(f[3]) / 1000.0
     local v = redis.call('HMGET', KEYS[i], 't', 'ts')
     local tokens = tonumber(v[1]) or limit
     local ts = tonumber(v[2]) or now
     tokens = math.min(limit, tokens + math.max(0, now - ts) * rate)
-    tokens = math.min(limit, tokens - tonumber(c))
+    tokens = math.min(limit, tokens - tonumber(f[4]))
     redis.call('HSET', KEYS[i], 't', tostring(tokens), 'ts', now)
     redis.call('PEXPIRE', KEYS[i], math.ceil((limit - tokens) / rate) + 1000)
   elseif kind == 'p' then
-    redis.call('ZREM', KEYS[i], a)
+    redis.call('ZREM', KEYS[i], f[2])
   elseif kind == 'i' then
-    redis.call('INCRBYFLOAT', KEYS[i], a)
-    redis.call('EXPIRE', KEYS[i], tonumber(b))
+    redis.call('INCRBYFLOAT', KEYS[i], f[2])
+    redis.call('EXPIRE', KEYS[i], tonumber(f[3]))
   else
-    redis.call('HINCRBYFLOAT', KEYS[i], a, b)
-    redis.call('EXPIRE', KEYS[i], tonumber(c))
+    local model = f[2]
+    redis.call('HINCRBYFLOAT', KEYS[i], model .. '|requests', 1)
+    if f[3] ~= '0' then redis.call('HINCRBYFLOAT', KEYS[i], model .. '|prompt_tokens', f[3]) end
+    if f[4] ~= '0' then redis.call('HINCRBYFLOAT', KEYS[i], model .. '|completion_tokens', f[4]) end
+    if f[5] ~= '0' then redis.call('HINCRBYFLOAT', KEYS[i], model .. '|cost_usd', f[5]) end
+    redis.call('EXPIRE', KEYS[i], tonumber(f[6]))
   end
 end
 return #KEYS
