@@ -62,6 +62,9 @@ class Authenticator:
         self.config_keys = {h: t.id for t in config.teams for h in t.key_hashes}
         self.jwt = JwtVerifier(config) if config.jwt else None
         self._keys: dict[str, tuple[float, KeyRecord | None]] = {}
+        # Presented key -> its SHA-256, so a busy key is not hashed on every request. Only digests are
+        # ever stored or compared; this map lives in process memory like the request headers do.
+        self._digests: dict[str, str] = {}
         self._teams: dict[str, tuple[float, TeamConfig | None]] = {}
 
     async def identify(self, headers: CIMultiDictProxy[str]) -> Identity:
@@ -76,7 +79,11 @@ class Authenticator:
         return await self._from_key(token)
 
     async def _from_key(self, token: str) -> Identity:
-        digest = hash_key(token)
+        digest = self._digests.get(token)
+        if digest is None:
+            if len(self._digests) >= 10_000:
+                self._digests.clear()  # bounded: a flood of random keys cannot grow it
+            digest = self._digests[token] = hash_key(token)
         if self.master_hash and hmac.compare_digest(digest, self.master_hash):
             return Identity(team=None, admin=True)
         team_id = self.config_keys.get(digest)

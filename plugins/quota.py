@@ -46,13 +46,14 @@ class QuotaPlugin:
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
         day, month, day_left, month_left = windows()
         for base, b in self._scopes(ctx):
-            for limit, key, left in (
-                (b.daily_usd, f"{base}:usd:d:{day}", day_left),
-                (b.monthly_usd, f"{base}:usd:m:{month}", month_left),
-                (b.daily_tokens, f"{base}:tok:d:{day}", day_left),
-                (b.monthly_tokens, f"{base}:tok:m:{month}", month_left),
+            for limit, window, left in (
+                (b.daily_usd, "usd:d:" + day, day_left),
+                (b.monthly_usd, "usd:m:" + month, month_left),
+                (b.daily_tokens, "tok:d:" + day, day_left),
+                (b.monthly_tokens, "tok:m:" + month, month_left),
             ):
                 if limit is not None:
+                    key = f"{base}:{window}"
                     ctx.checks.append(Check("budget", key, float(limit), "budget", stale_ms=int(left * 1000)))
         return None
 
