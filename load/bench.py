@@ -49,9 +49,17 @@ UPSTREAM_MODEL = "mock-chat"  # must match the target model in load/bench.yaml
 GOAL_THROUGHPUT = 0.8  # gateway req/s >= 0.8x bare proxy
 GOAL_P50_C1_MS = 0.3  # gateway p50 at concurrency 1 within 0.3 ms of the bare proxy
 
+# The gateway's team key when the config has auth on (load/bench-plugins.yaml); the mock and the
+# bare proxy ignore it.
+REQUEST_HEADERS = {
+    "Content-Type": "application/json",
+    "Authorization": "Bearer " + os.environ.get("BENCH_API_KEY", "none"),
+}
+
 WRK_SCRIPT = """\
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_API_KEY") or "none")
 wrk.body = [==[{body}]==]
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -212,7 +220,7 @@ def post(port: int, body: bytes, timeout: float = 5.0) -> tuple[int, str, bytes]
     # http.client, not urllib: no proxy environment variable can send this anywhere but loopback.
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        conn.request("POST", PATH, body=body, headers={"Content-Type": "application/json"})
+        conn.request("POST", PATH, body=body, headers=REQUEST_HEADERS)
         resp = conn.getresponse()
         return resp.status, resp.getheader("Content-Type", ""), resp.read()
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,10 @@ async def run(url: str, body: bytes, concurrency: int, duration: float, timeout:
         raise SystemExit("loadgen: only http://127.0.0.1 targets are allowed")
     latencies: list[float] = []
     errors = {"status": 0, "connect": 0, "read": 0, "timeout": 0}
-    headers = {"Content-Type": "application/json"}
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": "Bearer " + os.environ.get("BENCH_API_KEY", "none"),
+    }
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=timeout), trust_env=False
