@@ -51,8 +51,19 @@ class SSEScanner:
             data = self._pending + chunk
         else:
             data = chunk
+            if (
+                not self._held
+                and not self._data
+                and chunk.endswith(b"\n\n")
+                and b"\r" not in chunk
+                and b'"usage"' not in chunk
+                and b'"error"' not in chunk
+            ):
+                # The usual read: whole events with nothing to decode (and so nothing to strip).
+                # Count them and forward the very same bytes, without a Python loop per line.
+                self._count(chunk)
+                return chunk
             if not self.strip_usage and not self._held and chunk.endswith((b"\n\n", b"\n\r\n")):
-                # Whole events only (the usual read): note them and forward the very same bytes.
                 for line in chunk.split(b"\n")[:-1]:
                     self._line(line)
                 return chunk
@@ -66,6 +77,18 @@ class SSEScanner:
                     out.append(b"\n".join(self._held) + b"\n")
                 self._held = []
         return b"".join(out)
+
+    def _count(self, chunk: bytes) -> None:
+        if b"data:" not in chunk:
+            return  # comments only (keep-alives): they never count as data
+        for event in chunk.split(b"\n\n"):
+            if event.startswith(b"data:") or b"\ndata:" in event:
+                self.data_events += 1
+                if event.endswith(b"[DONE]") and event.rsplit(b"\n", 1)[-1] in (
+                    b"data: [DONE]",
+                    b"data:[DONE]",
+                ):
+                    self.done = True
 
     def finish(self) -> bytes:
         """At end of stream: dispatch a final event that had no trailing blank line."""
