@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
 import yaml
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli import main
 from gateway.providers import mock
@@ -365,3 +367,35 @@ async def test_sigterm_drains_in_flight_stream_then_exits_0(
     await served.stop()
     names = [e.get("event") for e in served.events()]
     assert names.index("gateway_draining") < names.index("gateway_stopped")
+
+
+async def test_workers_share_the_port_and_report_one_set_of_metrics(
+    serve: Callable[..., Awaitable[Served]],
+) -> None:
+    served = await serve("--workers", "2")
+    deadline = time.monotonic() + 20
+    while sum(b'"gateway_started"' in line for line in served.lines) < 2:  # both workers listening
+        assert time.monotonic() < deadline, b"".join(served.lines).decode()
+        await asyncio.sleep(0.05)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(20):  # a new connection each time, so the kernel spreads them over the workers
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.post(served.url + "/chat/completions", json=body) as r,
+        ):
+            assert r.status == 200
+    for _ in range(6):  # whichever worker answers the scrape reports the whole pool
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.get(f"http://127.0.0.1:{served.port}/metrics") as r,
+        ):
+            text = await r.text()
+        total = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "llm_gateway_requests"
+            for sample in family.samples
+            if sample.name == "llm_gateway_requests_total" and sample.labels.get("model") == "chat"
+        )
+        assert total == 20
+    assert await served.stop() == 0
