@@ -167,15 +167,17 @@ async def gw(upstream: Upstream, make_gateway: Callable[..., Awaitable[RunningGa
 
 
 class PrivateRedis:
-    """A redis-server of the test's own on a free port, which the test may stop and start again."""
+    """A redis-server of the test's own on a free loopback port, which the test may kill and start
+    again; with ``persistent`` it comes back with its data (append-only file, fsync always)."""
 
-    def __init__(self, tmp: str) -> None:
+    def __init__(self, workdir: Any, persistent: bool = False) -> None:
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.dir = tmp
+        self.workdir = str(workdir)
+        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -185,32 +187,28 @@ class PrivateRedis:
     def start(self) -> None:
         import redis as sync_redis
 
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += self.persistence or ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-            ],
+            ["redis-server", *args, "--dir", self.workdir],
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
-        client = sync_redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except sync_redis.ConnectionError:
-                time.sleep(0.05)
-        client.close()
+        client = sync_redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    client.ping()
+                    return
+                except sync_redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
 
-    def stop(self) -> None:
+    def kill(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
@@ -221,7 +219,7 @@ class PrivateRedis:
 def private_redis(tmp_path: Any) -> Iterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    server = PrivateRedis(str(tmp_path))
+    server = PrivateRedis(tmp_path)
     server.start()
     yield server
-    server.stop()
+    server.kill()

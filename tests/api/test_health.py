@@ -65,7 +65,7 @@ async def test_ready_flips_with_redis_down_and_back(
     gw = await make_gateway(cfg)
     assert (await _get(gw.root + "/health/ready"))[0] == 200
 
-    private_redis.stop()
+    private_redis.kill()
     assert await _eventually(lambda: _get(gw.root + "/health/ready"), 503)
     _, detail = await _get(gw.root + "/api/v1/monitoring/health")
     assert detail["info"]["redis"] == {

@@ -243,7 +243,7 @@ async def test_redis_down_means_no_cache_never_an_error(
     gw = await make_gateway(cfg)
     await ask(gw)
     await gw.gateway.pipeline.drain()
-    private_redis.stop()
+    private_redis.kill()
     reply = await ask(gw)  # limits fail open; the cache is skipped
     assert reply.headers["x-gateway-cache"] == "miss"
     assert reply.parse().choices[0].message.content

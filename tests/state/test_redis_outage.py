@@ -6,78 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import redis
 from prometheus_client import REGISTRY
 
-from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
+from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, PrivateRedis, RunningGateway, tenancy_config
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]  # $4 and 4 tokens at the mock with the prices below
 
 
-class RedisServer:
-    """A private redis-server on a free loopback port that a test may kill and start again."""
-
-    def __init__(self, workdir: Path, persistent: bool = False) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.workdir = workdir
-        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += self.persistence or ["--appendonly", "no"]
-        self.proc = subprocess.Popen(
-            ["redis-server", *args, "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
-def outage_config(upstream_url: str, server: RedisServer, **redis_options: Any) -> dict[str, Any]:
+def outage_config(upstream_url: str, server: PrivateRedis, **redis_options: Any) -> dict[str, Any]:
     """team-a: a parallel limit and a $3 daily budget; team-b: rate limits only (rpm 3)."""
     cfg = tenancy_config(upstream_url, limits={"max_parallel": 5}, budgets={"daily_usd": 3})
     cfg["teams"][1]["limits"] = {"rpm": 3}
@@ -131,8 +75,10 @@ def redis_log_events(gw: RunningGateway) -> list[str]:
     return [line["event"] for line in gw.log_lines() if "redis" in str(line.get("event", ""))]
 
 
-async def test_redis_killed_and_restarted_mid_run(upstream, make_gateway, redis_server: RedisServer) -> None:
-    gw = await make_gateway(outage_config(upstream.url, redis_server))
+async def test_redis_killed_and_restarted_mid_run(
+    upstream, make_gateway, private_redis: PrivateRedis
+) -> None:
+    gw = await make_gateway(outage_config(upstream.url, private_redis))
     assert (await chat(gw, TEAM_B_KEY))[0] == 200
     # A team-a stream is admitted while Redis is up, and ends while it is down.
     stream = await gw.client(api_key=TEAM_KEY).chat.completions.create(
@@ -140,7 +86,7 @@ async def test_redis_killed_and_restarted_mid_run(upstream, make_gateway, redis_
     )
     await stream.__anext__()
     errors_before = redis_errors()
-    redis_server.kill()
+    private_redis.kill()
     async for _ in stream:
         pass
 
@@ -164,7 +110,7 @@ async def test_redis_killed_and_restarted_mid_run(upstream, make_gateway, redis_
     await gw.gateway.pipeline.drain()
     assert redis_log_events(gw) == ["redis_unavailable"]  # once per interval, not once per request
 
-    redis_server.start()
+    private_redis.start()
     restarted = time.monotonic()
     while (await chat(gw, TEAM_B_KEY))[0] != 200:  # the local rpm bucket is spent: 200 means Redis
         assert time.monotonic() - restarted < 3, "requests are not admitted from Redis again"
@@ -178,10 +124,12 @@ async def test_redis_killed_and_restarted_mid_run(upstream, make_gateway, redis_
     assert redis_log_events(gw) == ["redis_unavailable", "redis_recovered"]
 
 
-async def test_limits_fail_closed_when_configured(upstream, make_gateway, redis_server: RedisServer) -> None:
-    gw = await make_gateway(outage_config(upstream.url, redis_server, fail_open_limits=False))
+async def test_limits_fail_closed_when_configured(
+    upstream, make_gateway, private_redis: PrivateRedis
+) -> None:
+    gw = await make_gateway(outage_config(upstream.url, private_redis, fail_open_limits=False))
     assert (await chat(gw, TEAM_B_KEY))[0] == 200
-    redis_server.kill()
+    private_redis.kill()
     for _ in range(2):
         status, _, body = await chat(gw, TEAM_B_KEY)
         assert status == 503
@@ -190,7 +138,7 @@ async def test_limits_fail_closed_when_configured(upstream, make_gateway, redis_
             "state_store_unavailable",
         )
         assert "rate limits" in body["error"]["message"]
-    redis_server.start()
+    private_redis.start()
     deadline = time.monotonic() + 3
     while (await chat(gw, TEAM_B_KEY))[0] != 200:
         assert time.monotonic() < deadline
@@ -198,27 +146,27 @@ async def test_limits_fail_closed_when_configured(upstream, make_gateway, redis_
 
 
 async def test_budgets_may_fail_open_when_configured(
-    upstream, make_gateway, redis_server: RedisServer
+    upstream, make_gateway, private_redis: PrivateRedis
 ) -> None:
-    gw = await make_gateway(outage_config(upstream.url, redis_server, fail_open_budgets=True))
-    redis_server.kill()
+    gw = await make_gateway(outage_config(upstream.url, private_redis, fail_open_budgets=True))
+    private_redis.kill()
     statuses = [(await chat(gw, TEAM_KEY))[0] for _ in range(2)]
     assert statuses == [200, 200]
 
 
 async def test_outage_spend_is_replayed_exactly_once(
-    upstream, make_gateway, redis_server: RedisServer
+    upstream, make_gateway, private_redis: PrivateRedis
 ) -> None:
-    cfg = outage_config(upstream.url, redis_server)
+    cfg = outage_config(upstream.url, private_redis)
     cfg["teams"][1]["limits"] = {"rpm": 100}
     gw = await make_gateway(cfg)
-    redis_server.kill()
+    private_redis.kill()
     tokens = 0
     for text in ("a" * 4, "b" * 40, "c" * 120, "d" * 400):  # requests of different sizes
         status, _, body = await chat(gw, TEAM_B_KEY, content=text)
         assert status == 200
         tokens += body["usage"]["total_tokens"]
-    redis_server.start()
+    private_redis.start()
     # Several requests finish at once right after the restart: each outage request is booked once.
     after = await asyncio.gather(*(chat(gw, TEAM_B_KEY) for _ in range(5)))
     assert [status for status, _, _ in after] == [200] * 5
@@ -231,7 +179,7 @@ async def test_outage_spend_is_replayed_exactly_once(
 async def test_a_slot_released_during_the_outage_is_free_once_redis_is_back(
     upstream, make_gateway, tmp_path: Path
 ) -> None:
-    server = RedisServer(tmp_path, persistent=True)  # Redis comes back with its data
+    server = PrivateRedis(tmp_path, persistent=True)  # Redis comes back with its data
     server.start()
     try:
         cfg = outage_config(upstream.url, server)
@@ -256,17 +204,17 @@ async def test_a_slot_released_during_the_outage_is_free_once_redis_is_back(
 
 
 async def test_a_quick_redis_restart_fails_no_request(
-    upstream, make_gateway, redis_server: RedisServer
+    upstream, make_gateway, private_redis: PrivateRedis
 ) -> None:
-    cfg = outage_config(upstream.url, redis_server)
+    cfg = outage_config(upstream.url, private_redis)
     cfg["teams"][0].update(limits={"rpm": 1000}, budgets={"daily_usd": 1000})
     gw = await make_gateway(cfg)
     # Concurrent traffic leaves several pooled connections to Redis...
     assert {s for s, _, _ in await asyncio.gather(*(chat(gw, TEAM_KEY) for _ in range(8)))} == {200}
     await gw.gateway.pipeline.drain()
     errors = redis_errors()
-    redis_server.kill()  # ... which all die with it, and Redis is back before the next request.
-    redis_server.start()
+    private_redis.kill()  # ... which all die with it, and Redis is back before the next request.
+    private_redis.start()
     for _ in range(2):
         statuses = [s for s, _, _ in await asyncio.gather(*(chat(gw, TEAM_KEY) for _ in range(8)))]
         assert statuses == [200] * 8  # a budget team is never told the store is unavailable
