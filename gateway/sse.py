@@ -58,6 +58,7 @@ class SSEScanner:
                 and b"\r" not in chunk
                 and b'"usage"' not in chunk
                 and b'"error"' not in chunk
+                and b"[DONE]" not in chunk  # the end of a stream takes the exact path
             ):
                 # The usual read: whole events with nothing to decode (and so nothing to strip).
                 # Count them and forward the very same bytes, without a Python loop per line.
@@ -84,11 +85,6 @@ class SSEScanner:
         for event in chunk.split(b"\n\n"):
             if event.startswith(b"data:") or b"\ndata:" in event:
                 self.data_events += 1
-                if event.endswith(b"[DONE]") and event.rsplit(b"\n", 1)[-1] in (
-                    b"data: [DONE]",
-                    b"data:[DONE]",
-                ):
-                    self.done = True
 
     def finish(self) -> bytes:
         """At end of stream: dispatch a final event that had no trailing blank line."""

@@ -8,6 +8,8 @@ reservations never leak.
 
 from __future__ import annotations
 
+import itertools
+import os
 from typing import ClassVar
 
 from aiohttp import web
@@ -25,6 +27,10 @@ class RateLimitPlugin:
 
     def __init__(self, services: Services) -> None:
         self.prefix = services.prefix
+        # SECURITY: a parallel slot is keyed by an id the gateway makes, never by the client's
+        # x-request-id (requests sharing one would share a slot and bypass max_parallel).
+        self._slot_prefix = os.urandom(6).hex()
+        self._slots = itertools.count(1)
         self.default_max_tokens = services.config.rate_limiting.default_max_tokens
         # A parallel slot left behind by a crashed instance is forgotten after the longest request.
         longest = max((p.timeouts.total for p in services.config.providers), default=600.0)
@@ -68,11 +74,14 @@ class RateLimitPlugin:
                         f"{key}:par",
                         limits.max_parallel,
                         "parallel",
-                        member=ctx.request_id,
+                        member=self._member(),
                         stale_ms=self.stale_ms,
                     )
                 )
         return None
+
+    def _member(self) -> str:
+        return f"{self._slot_prefix}{next(self._slots):x}"
 
     def _estimate(self, ctx: RequestContext, tpm: int) -> int:
         body = ctx.body

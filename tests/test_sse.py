@@ -205,3 +205,21 @@ def test_a_stream_cut_anywhere(newline: str, strip: bool) -> None:
             elif end > start:
                 continue  # cut inside the usage chunk: what is left of it is not parseable
         assert out == expected, end
+
+
+@pytest.mark.parametrize(
+    ("stream", "done"),
+    [
+        (b'data: {"a":1}\n\ndata: [DONE]\nid: 7\n\n', True),
+        (b"data: [DONE]\n: bye\n\n", True),
+        (b"data: x\ndata: [DONE]\n\n", False),  # one event whose data is "x\n[DONE]", not the end
+    ],
+)
+def test_done_is_read_the_same_way_on_every_path(stream: bytes, done: bool) -> None:
+    whole = SSEScanner()
+    whole.feed(stream)
+    split = SSEScanner()
+    for i in range(len(stream)):
+        split.feed(stream[i : i + 1])
+    assert (whole.done, split.done) == (done, done)
+    assert whole.data_events == split.data_events

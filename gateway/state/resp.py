@@ -44,6 +44,8 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
 
     def data_received(self, data: bytes) -> None:
+        if self.pipe.protocol is not self:
+            return  # a dropped connection's late bytes: its callers were already failed
         self.reader.feed(data)
         waiting = self.pipe.waiting
         while True:
@@ -78,15 +80,18 @@ class RespPipe:
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._transport: asyncio.Transport | None = None
         self.protocol: _Protocol | None = None
+        self._ready = False  # connected *and* authenticated / on the right database
         self._out: list[bytes] = []
-        self._connecting: asyncio.Future[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self._retry_at = 0.0
         self._watching = False
 
     async def call(self, *args: Any) -> Any:
         """Send one command (batched with the others of this tick); its reply, or ReplyError."""
-        if self._transport is None:
+        if not self._ready:
             await self._connect()
+            if not self._ready:  # lost again while this caller was waking up
+                raise StoreUnavailable("redis connection lost")
         return await self._send(encode(args))
 
     def _send(self, command: bytes) -> asyncio.Future[Any]:
@@ -107,27 +112,40 @@ class RespPipe:
             self._transport.write(data)
 
     def _watch(self) -> None:
-        """A reply overdue by ``timeout``: the connection is stuck; fail everything now."""
+        """A reply overdue by ``timeout``: the connection is stuck; drop it and fail everything now."""
         self._watching = False
         if not self.waiting:
             return
         loop = asyncio.get_running_loop()
         if loop.time() - self.waiting[0][1] >= self.timeout:
+            transport = self._transport
             self.lost("timed out")
-            if self._transport is not None:
-                self._transport.abort()
-                self._transport = None
+            if transport is not None:
+                transport.abort()  # its late replies must never reach the next connection's callers
             return
         self._watching = True
         loop.call_later(self.timeout, self._watch)
 
     async def _connect(self) -> None:
-        if self._connecting is not None:
-            return await asyncio.shield(self._connecting)
-        if time.monotonic() < self._retry_at:
-            raise StoreUnavailable("redis unreachable")
+        """Wait for the one connection attempt in progress (starting it if needed).
+
+        The attempt runs as its own task, so a caller that is cancelled (its client left) neither
+        strands the other callers nor leaves a connection half set up (AUTH sent, SELECT not)."""
+        if self._connecting is None:
+            if time.monotonic() < self._retry_at:
+                raise StoreUnavailable("redis unreachable")
+            task = self._connecting = asyncio.get_running_loop().create_task(self._open())
+            task.add_done_callback(self._opened)
+        await asyncio.shield(self._connecting)
+
+    def _opened(self, task: asyncio.Task[None]) -> None:
+        self._connecting = None
+        if not task.cancelled():
+            task.exception()  # retrieved here: no "never retrieved" warning when every caller left
+
+    async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        self._connecting = loop.create_future()
+        transport: Any = None
         try:
             async with asyncio.timeout(self.timeout):
                 if self.unix:
@@ -143,24 +161,19 @@ class RespPipe:
                     reply = await self._send(encode(command))
                     if isinstance(reply, ReplyError):
                         raise StoreUnavailable(f"redis refused {command[0]}")
+            self._ready = True
         except (OSError, TimeoutError, StoreUnavailable) as exc:
             if isinstance(exc, TimeoutError):
                 # A silent (blackholed) Redis: fail fast for a while instead of making every request
                 # wait out the connect timeout. A refused connection costs nothing: retry at once.
                 self._retry_at = time.monotonic() + RECONNECT_SECONDS
-            if self._transport is not None:
-                self._transport.abort()
-                self._transport = None
-            error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(type(exc).__name__)
-            self._connecting.set_exception(error)
-            self._connecting.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            raise error from None
-        else:
-            self._connecting.set_result(None)
-        finally:
-            self._connecting = None
+            self.lost("connect failed")
+            if transport is not None:
+                transport.abort()
+            raise exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(type(exc).__name__) from None
 
     def lost(self, reason: str) -> None:
+        self._ready = False
         self._transport = None
         self.protocol = None
         self._out = []
@@ -170,6 +183,7 @@ class RespPipe:
                 future.set_exception(StoreUnavailable(reason))
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        transport = self._transport
+        self.lost("closed")
+        if transport is not None:
+            transport.close()

@@ -219,6 +219,24 @@ async def test_max_parallel_refuses_the_third_concurrent_request_and_frees_slots
     assert [s for s, _, _ in statuses] == [200, 200]
 
 
+async def test_a_shared_request_id_cannot_bypass_max_parallel(upstream, make_gateway) -> None:
+    gw = await make_gateway(tenancy_config(upstream.url, limits={"max_parallel": 2}))
+    upstream.state.faults["mock-chat"] = {"first_byte_delay": 0.4}
+    client = gw.client(api_key=TEAM_KEY, default_headers={"x-request-id": "same-id"})
+    slow = [
+        asyncio.create_task(client.chat.completions.create(model="chat", messages=MESSAGES)) for _ in range(2)
+    ]
+
+    async def both_upstream() -> bool:
+        return len(upstream.state.requests) == 2
+
+    await eventually(both_upstream)
+    with pytest.raises(openai.RateLimitError):  # a third parallel request, whatever its x-request-id
+        await client.chat.completions.create(model="chat", messages=MESSAGES)
+    for reply in await asyncio.gather(*slow):
+        assert reply.choices[0].message.content == "Mock answer: hi"
+
+
 async def test_client_disconnect_mid_stream_releases_the_parallel_slot(upstream, make_gateway) -> None:
     gw = await make_gateway(tenancy_config(upstream.url, limits={"max_parallel": 1}))
     upstream.state.faults["mock-chat"] = {"chunk_delay": 0.1}
