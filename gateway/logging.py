@@ -70,7 +70,7 @@ class AccessLog:
     def __init__(self) -> None:
         self.enabled = True
         self.stream: BinaryIO = _binary(sys.stdout)
-        self._flush_scheduled = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._second = -1
         self._prefix = ""
 
@@ -83,16 +83,19 @@ class AccessLog:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         fields["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
-        self.stream.write(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            try:
-                asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self._flush)
-            except RuntimeError:  # no loop (a synchronous caller): write through
-                self._flush()
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stdout must not stop us
+            self.stream.write(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): write through
+            self._flush()
+            return
+        if self._flush_loop is not loop:  # none scheduled (or on a loop that has since closed)
+            self._flush_loop = loop
+            loop.call_later(self.FLUSH_SECONDS, self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_loop = None
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stdout must not stop us
             self.stream.flush()
 

@@ -24,7 +24,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway.state.base import Check, Decision, Op, Store, StoreUnavailable
+from gateway.state.base import Check, Decision, Op, Store, StoreScriptError, StoreUnavailable
 from gateway.state.cache import CacheStore
 from gateway.state.memory import MemoryStore
 
@@ -137,6 +137,9 @@ class Limiter:
             return
         try:
             await self.store.settle(ops)
+        except StoreScriptError:
+            log.error("settle_rejected", request_id=ctx.request_id)  # replaying it would fail again
+            return
         except StoreUnavailable:
             # Spend, usage and slot releases are replayed when the store is back: nothing is lost.
             self.backlog.append(ops)
@@ -154,6 +157,8 @@ class Limiter:
             ops = self.backlog.popleft()
             try:
                 await self.store.settle(ops)
+            except StoreScriptError:
+                log.error("replay_rejected")  # an entry Redis refuses must not block those behind it
             except StoreUnavailable:
                 self.backlog.appendleft(ops)  # down again: the next successful call resumes
                 return

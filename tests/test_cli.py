@@ -224,7 +224,7 @@ async def _collect(proc: asyncio.subprocess.Process, lines: list[bytes]) -> None
 async def connection_refused(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: the listener closed mid-handshake
         return True
     writer.close()
     await writer.wait_closed()

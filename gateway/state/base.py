@@ -20,6 +20,11 @@ class StoreUnavailable(Exception):
     """The backing store cannot be reached; callers apply their fail-open/closed policy."""
 
 
+class StoreScriptError(StoreUnavailable):
+    """The store answered with an error for this call (a bad argument, a script bug): retrying
+    the same call cannot help, so settlement logs and drops it instead of queueing it for replay."""
+
+
 @dataclass(slots=True)
 class Check:
     """One limit to check and take at admission.

@@ -25,7 +25,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import metrics
-from gateway.state.base import Check, Decision, KeyRecord, Op, StoreUnavailable, key_from_json, key_to_json
+from gateway.state.base import (
+    Check,
+    Decision,
+    KeyRecord,
+    Op,
+    StoreScriptError,
+    StoreUnavailable,
+    key_from_json,
+    key_to_json,
+)
 from gateway.state.resp import ReplyError, RespPipe
 
 log = structlog.get_logger("gateway.state")
@@ -95,7 +104,7 @@ class RedisStore:
             raise
         self.outage.success()
         if isinstance(reply, ReplyError):
-            raise StoreUnavailable(f"script error: {str(reply)[:200]}")
+            raise StoreScriptError(f"script error: {str(reply)[:200]}")
         return reply
 
     async def admit(self, checks: Sequence[Check]) -> Decision:
