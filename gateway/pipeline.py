@@ -132,7 +132,9 @@ class Limiter:
         if ctx.local_admission:
             local = [o for o in ops if o.kind in ("bucket", "release")]
             await self.local.settle(local)
-            ops = [o for o in ops if o.kind not in ("bucket", "release")]
+            # Releases also go to Redis: an admission that timed out may still have taken its slot
+            # there, and releasing a slot that was never taken is harmless (ZREM of a non-member).
+            ops = [o for o in ops if o.kind != "bucket"]
         if not ops:
             return
         try:
