@@ -4,19 +4,29 @@ Keys are never stored or compared in plaintext: the presented key is hashed (SHA
 up by hash, and the stored hash compared in constant time. Runtime keys and teams are cached in
 process for at most ``CACHE_TTL`` seconds, so a key revoked on one instance is refused by every
 instance within that time.
+
+JWT verification keys come from a PEM/JWKS file, or from the identity provider's JWKS URL: fetched at
+start-up, refreshed in the background, and fetched again (single-flight, rate-limited) when a token
+names a ``kid`` the current set lacks, so a key rotation needs no restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hmac
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import jwt
 import orjson
+import structlog
 from multidict import CIMultiDictProxy
 
 from gateway.config import Config, ConfigError, TeamConfig, hash_key, parse_team
@@ -24,6 +34,10 @@ from gateway.errors import AuthenticationFailed, ServiceUnavailable
 from gateway.state.base import KeyRecord, Store, StoreUnavailable
 
 CACHE_TTL = 1.0
+JWKS_TIMEOUT = 5.0  # seconds for a whole JWKS fetch
+JWKS_MAX_BYTES = 1024 * 1024
+
+log = structlog.get_logger("gateway.auth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +81,15 @@ class Authenticator:
         self._digests: dict[str, str] = {}
         self._teams: dict[str, tuple[float, TeamConfig | None]] = {}
 
+    async def start(self) -> None:
+        """Fetch the JWT verification keys from a JWKS URL (if configured) and start their refresher."""
+        if self.jwt is not None:
+            await self.jwt.start()
+
+    async def close(self) -> None:
+        if self.jwt is not None:
+            await self.jwt.close()
+
     async def identify(self, headers: CIMultiDictProxy[str]) -> Identity:
         token = presented_key(headers)
         if token is None:
@@ -104,7 +127,7 @@ class Authenticator:
 
     async def _from_jwt(self, token: str) -> Identity:
         assert self.jwt is not None
-        claims = self.jwt.verify(token)
+        claims = await self.jwt.verify(token)
         admin = claims.get("role") == "admin"
         team_id = claims.get(self.jwt.team_claim)
         team = await self.team(team_id) if isinstance(team_id, str) else None
@@ -168,7 +191,15 @@ def _parse_time(value: str) -> dt.datetime:
 
 
 class JwtVerifier:
-    """Verifies team tokens: an algorithm allowlist (never ``none``), required exp/aud/iss."""
+    """Verifies team tokens: an algorithm allowlist (never ``none``), required exp/aud/iss.
+
+    Asymmetric keys come from ``public_key_file`` (read once) or ``jwks_url`` (see ``start``). With a URL,
+    a token whose ``kid`` is not in the current set triggers a fetch at most once per
+    ``on_demand_interval`` seconds; concurrent requests share one fetch. A failed fetch keeps the last
+    good keys; with none ever obtained, such a token is answered 503 (the gateway's fault, not the client's).
+    """
+
+    on_demand_interval = 10.0  # at most one fetch for unknown kids per this many seconds
 
     def __init__(self, config: Config) -> None:
         settings = config.jwt
@@ -179,8 +210,106 @@ class JwtVerifier:
         self._keys: list[Any] = []
         if settings.public_key_file:
             self._keys = _load_public_keys(Path(settings.public_key_file))
+        self._url = settings.jwks_url
+        self._refresh_seconds = settings.jwks_refresh_seconds
+        self._kids: frozenset[str] = frozenset()
+        self._session: aiohttp.ClientSession | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._fetch: asyncio.Task[bool] | None = None  # the fetch under way, shared by every waiter
+        self._last_on_demand = -math.inf
+        self._failing = False  # in a streak of failed fetches (logged once per streak)
 
-    def verify(self, token: str) -> dict[str, Any]:
+    async def start(self) -> None:
+        """With a JWKS URL: fetch the keys now (a failure is logged, not fatal), then keep them fresh."""
+        if self._url is None or self._refresher is not None:
+            return
+        await self.refresh()
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._refresher, self._fetch) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._refresher = self._fetch = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            # While fetches fail, retry sooner (bounded like on-demand fetches) than the regular refresh.
+            delay = self._refresh_seconds
+            if self._failing:
+                delay = min(delay, self.on_demand_interval)
+            await asyncio.sleep(delay)
+            await self.refresh()
+
+    async def refresh(self) -> bool:
+        """Fetch the JWKS now, or join the fetch already under way. True when the keys were replaced."""
+        if self._fetch is None or self._fetch.done():
+            self._fetch = asyncio.get_running_loop().create_task(self._fetch_keys())
+        # shield: a waiter that goes away (client disconnect) does not cancel the fetch others share.
+        return await asyncio.shield(self._fetch)
+
+    async def _on_demand(self) -> None:
+        """A token needs a key we do not have: join a fetch under way, or start one if the window allows."""
+        if self._fetch is not None and not self._fetch.done():
+            await asyncio.shield(self._fetch)
+            return
+        now = time.monotonic()
+        if now - self._last_on_demand < self.on_demand_interval:
+            return  # rate limit: made-up kids cannot make the gateway hammer the identity provider
+        self._last_on_demand = now
+        await self.refresh()
+
+    async def _fetch_keys(self) -> bool:
+        assert self._url is not None
+        try:
+            async with asyncio.timeout(JWKS_TIMEOUT):
+                raw = await self._download(self._url)
+            keys = _parse_jwks(raw)
+        except Exception as exc:  # a broken or unreachable IdP must never break request handling
+            if not self._failing:
+                log.warning(
+                    "jwks_refresh_failed",
+                    url=_loggable_url(self._url),
+                    error=f"{type(exc).__name__}: {exc}"[:300],
+                    keeping_keys=len(self._keys),
+                )
+            self._failing = True
+            return False
+        kids = frozenset(k.key_id for k in keys if isinstance(k.key_id, str))
+        if self._failing or kids != self._kids or not self._keys:
+            log.info("jwks_loaded", url=_loggable_url(self._url), keys=len(keys), recovered=self._failing)
+        self._keys, self._kids, self._failing = keys, kids, False
+        return True
+
+    async def _download(self, url: str) -> bytes:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=JWKS_TIMEOUT),
+                trust_env=False,  # no ambient proxies or .netrc credentials
+                headers={"Accept": "application/jwk-set+json, application/json"},
+            )
+        # SECURITY: redirects are never followed; a 3xx, like any answer but 200, is a failed fetch.
+        async with self._session.get(url, allow_redirects=False) as resp:
+            if resp.status != 200:
+                raise _JwksError(f"HTTP {resp.status}")
+            if resp.content_length is not None and resp.content_length > JWKS_MAX_BYTES:
+                raise _JwksError("the JWKS is larger than 1 MiB")
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > JWKS_MAX_BYTES:
+                    raise _JwksError("the JWKS is larger than 1 MiB")
+            return bytes(body)
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims, or AuthenticationFailed (401); ServiceUnavailable (503) when a JWKS URL is
+        configured but no keys could ever be fetched. Awaits only when a fetch is needed."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -188,10 +317,21 @@ class JwtVerifier:
         alg = header.get("alg")
         if alg not in self.algorithms:  # SECURITY: the token never chooses an algorithm we did not allow
             raise AuthenticationFailed("token algorithm not allowed", code="invalid_token")
-        keys: list[Any] = [self._secret] if str(alg).startswith("HS") else self._keys
+        if str(alg).startswith("HS"):
+            return self._decode(token, alg, [self._secret])
         kid = header.get("kid")
-        if kid is not None and len(self._keys) > 1 and not str(alg).startswith("HS"):
-            keys = [k for k in self._keys if getattr(k, "key_id", None) == kid] or keys
+        if self._url is not None and (not self._keys or (isinstance(kid, str) and kid not in self._kids)):
+            await self._on_demand()  # key rotation: the IdP may have published this kid since
+            if not self._keys:
+                raise ServiceUnavailable(
+                    "the identity provider's signing keys (JWKS) are unavailable", code="jwks_unavailable"
+                )
+        keys: list[Any] = self._keys
+        if kid is not None and len(keys) > 1:
+            keys = [k for k in keys if getattr(k, "key_id", None) == kid] or keys
+        return self._decode(token, alg, keys)
+
+    def _decode(self, token: str, alg: str, keys: list[Any]) -> dict[str, Any]:
         last: Exception | None = None
         for key in keys:
             try:
@@ -210,6 +350,32 @@ class JwtVerifier:
                 last = exc
         reason = "invalid token" if last is None else f"invalid token ({type(last).__name__})"
         raise AuthenticationFailed(reason, code="invalid_token")
+
+
+class _JwksError(Exception):
+    pass
+
+
+def _parse_jwks(raw: bytes) -> list[Any]:
+    """The usable public signing keys of a JWKS document; raises when there is none."""
+    doc = orjson.loads(raw)
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise _JwksError('not a JWKS document ({"keys": [...]})')
+    # Signing keys only, never shared secrets ("oct"); PyJWKSet skips the keys pyjwt cannot use.
+    candidates = [
+        k
+        for k in doc["keys"]
+        if isinstance(k, dict) and k.get("kty") != "oct" and k.get("use", "sig") == "sig"
+    ]
+    return list(jwt.PyJWKSet(candidates).keys)
+
+
+def _loggable_url(url: str) -> str:
+    """The URL without credentials or query string, for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _load_public_keys(path: Path) -> list[Any]:

@@ -453,3 +453,232 @@ async def test_hmac_with_the_public_key_is_refused_even_when_hs256_is_allowed(
     signing_input = f"{header}.{_b64(json.dumps(_claims()).encode())}"
     forged = hmac.new(rsa_keys[1], signing_input.encode(), hashlib.sha256).digest()
     assert await chat_status(gw, f"{signing_input}.{_b64(forged)}") == 401
+
+
+# --- JWT keys from a JWKS URL ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def jwk_of(private: Any, kid: str) -> dict[str, Any]:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    return {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
+
+
+def kid_token(private: Any, kid: str, **claims: Any) -> str:
+    return jwt.encode(_claims(**claims), private, algorithm="RS256", headers={"kid": kid})
+
+
+class JwksServer:
+    """A small identity provider on a loopback port of its own: serves ``jwks`` at /jwks.json and
+    counts the requests it receives; ``status``/``redirect_to``/``delay`` change how it answers."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.jwks: dict[str, Any] = {"keys": []}
+        self.hits = 0
+        self.status = 200
+        self.redirect_to: str | None = None
+        self.delay = 0.0
+        self.runner: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/jwks.json"
+
+    async def handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.hits += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.redirect_to is not None:
+            raise web.HTTPFound(self.redirect_to)
+        if self.status != 200:
+            return web.Response(status=self.status, text="identity provider trouble")
+        return web.json_response(self.jwks)
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/jwks.json", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def jwks_server() -> Any:
+    servers: list[JwksServer] = []
+
+    async def make(*keys: dict[str, Any], start: bool = True) -> JwksServer:
+        server = JwksServer()
+        server.jwks = {"keys": list(keys)}
+        servers.append(server)
+        if start:
+            await server.start()
+        return server
+
+    yield make
+    for server in servers:
+        await server.stop()
+
+
+def jwks_gateway_config(upstream_url: str, url: str, refresh: float = 300) -> dict[str, Any]:
+    return jwt_config(
+        upstream_url, {"algorithms": ["RS256"], "jwks_url": url, "jwks_refresh_seconds": refresh}
+    )
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if asyncio.iscoroutine(value) else value
+
+
+def events(gw: RunningGateway, name: str) -> list[dict[str, Any]]:
+    return [e for e in gw.log_lines() if e.get("event") == name]
+
+
+async def eventually(check: Any, timeout: float = 5.0) -> None:
+    """Wait until ``check()`` (sync or async) is true."""
+    deadline = time.monotonic() + timeout
+    while not await _maybe_await(check()):
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_jwks_url_keys_verify_tokens_end_to_end(
+    upstream, make_gateway, jwks_server, rsa_keys, other_rsa_key
+) -> None:
+    idp = await jwks_server(
+        jwk_of(rsa_keys[0], "k1"),
+        {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},  # unusable: skipped, not fatal
+        {"kty": "oct", "kid": "shared", "k": _b64(b"not-a-public-key")},  # a shared secret: ignored
+    )
+    gw = await make_gateway(jwks_gateway_config(upstream.url, idp.url))
+    assert idp.hits == 1  # fetched at start-up
+    client = gw.client(api_key=kid_token(rsa_keys[0], "k1"))
+    reply = await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Mock answer: hi"
+    assert await chat_status(gw, rs256(rsa_keys[0])) == 200  # no kid: every published key is tried
+    # Every existing refusal holds with keys from a URL, and none of them fetches the JWKS again.
+    for case, token in _bad_tokens(rsa_keys[0], other_rsa_key, rsa_keys[1]).items():
+        status, body = await call(gw, "POST", "/v1/chat/completions", bearer(token), CHAT)
+        assert status == 401, (case, body)
+        assert_error(body, "authentication_error")
+    assert idp.hits == 1
+    assert upstream.state.count == 2
+    verifier = gw.gateway.auth.jwt
+    assert verifier is not None
+    assert {k.key_id for k in verifier._keys} == {"k1"}  # the broken key and the shared secret skipped
+
+
+async def test_jwks_key_rotation_needs_no_restart(
+    upstream, make_gateway, jwks_server, rsa_keys, other_rsa_key
+) -> None:
+    idp = await jwks_server(jwk_of(rsa_keys[0], "k1"))
+    gw = await make_gateway(jwks_gateway_config(upstream.url, idp.url))
+    rotated = kid_token(other_rsa_key, "k2")
+    assert await chat_status(gw, kid_token(rsa_keys[0], "k1")) == 200
+    idp.jwks = {"keys": [jwk_of(rsa_keys[0], "k1"), jwk_of(other_rsa_key, "k2")]}
+    assert await chat_status(gw, rotated) == 200  # the unknown kid triggered one fetch
+    assert idp.hits == 2
+    assert await chat_status(gw, rotated) == 200
+    assert await chat_status(gw, kid_token(rsa_keys[0], "k1")) == 200
+    assert idp.hits == 2
+
+
+async def test_unknown_kids_fetch_at_most_once_per_window(
+    upstream, make_gateway, jwks_server, rsa_keys, other_rsa_key
+) -> None:
+    idp = await jwks_server(jwk_of(rsa_keys[0], "k1"))
+    idp.delay = 0.2  # a slow IdP: the burst piles up on the fetch under way
+    gw = await make_gateway(jwks_gateway_config(upstream.url, idp.url))
+    assert idp.hits == 1
+    made_up = [kid_token(other_rsa_key, f"made-up-{i}") for i in range(25)]
+    assert await asyncio.gather(*(chat_status(gw, t) for t in made_up)) == [401] * 25
+    assert idp.hits == 2  # one shared fetch for the whole burst
+    assert await asyncio.gather(*(chat_status(gw, t) for t in made_up)) == [401] * 25
+    assert idp.hits == 2  # inside the window: no fetch at all
+    assert await chat_status(gw, kid_token(rsa_keys[0], "k1")) == 200
+    verifier = gw.gateway.auth.jwt
+    assert verifier is not None
+    verifier.on_demand_interval = 0.3  # an instance override, so the test need not wait 10 s
+    await asyncio.sleep(0.35)
+    assert await asyncio.gather(*(chat_status(gw, t) for t in made_up[:5])) == [401] * 5
+    assert idp.hits == 3  # the next window allows exactly one more
+
+
+async def test_jwks_redirect_is_not_followed(upstream, make_gateway, jwks_server, rsa_keys) -> None:
+    target = await jwks_server(jwk_of(rsa_keys[0], "k1"))
+    idp = await jwks_server()
+    idp.redirect_to = target.url
+    gw = await make_gateway(jwks_gateway_config(upstream.url, idp.url, refresh=0.1))
+    token = kid_token(rsa_keys[0], "k1")
+    status, body = await call(gw, "POST", "/v1/chat/completions", bearer(token), CHAT)
+    assert status == 503, body
+    assert_error(body, "service_unavailable", "jwks_unavailable")
+    await eventually(lambda: idp.hits >= 3)  # a few background refreshes: each one a refused redirect
+    assert await chat_status(gw, token) == 503
+    assert target.hits == 0
+    assert upstream.state.count == 0
+
+
+async def test_jwks_server_down_at_start_up_is_503_until_it_comes_up(
+    upstream, make_gateway, jwks_server, rsa_keys
+) -> None:
+    idp = await jwks_server(jwk_of(rsa_keys[0], "k1"), start=False)
+    gw = await make_gateway(jwks_gateway_config(upstream.url, idp.url, refresh=0.1))
+    token = kid_token(rsa_keys[0], "k1")
+    for path, method, payload in (("/v1/chat/completions", "POST", CHAT), ("/v1/models", "GET", None)):
+        status, body = await call(gw, method, path, bearer(token), payload)
+        assert status == 503, body
+        assert_error(body, "service_unavailable", "jwks_unavailable")
+    # API keys do not depend on the identity provider.
+    assert await chat_status(gw, TEAM_KEY) == 200
+    await asyncio.sleep(0.3)  # several failed refreshes: logged once for the whole streak
+    assert len(events(gw, "jwks_refresh_failed")) == 1
+    await idp.start()
+
+    async def served() -> bool:
+        return await chat_status(gw, token) == 200
+
+    await eventually(served)
+    assert [e["recovered"] for e in events(gw, "jwks_loaded")] == [True]
+    assert token not in gw.logs.getvalue().decode()
+
+
+async def test_failed_jwks_refresh_keeps_the_last_good_keys(
+    upstream, make_gateway, jwks_server, rsa_keys
+) -> None:
+    idp = await jwks_server(jwk_of(rsa_keys[0], "k1"))
+    gw = await make_gateway(jwks_gateway_config(upstream.url, idp.url, refresh=0.1))
+    token = kid_token(rsa_keys[0], "k1")
+    assert await chat_status(gw, token) == 200
+    for trouble in ("error", "not-a-jwks", "down"):
+        if trouble == "error":
+            idp.status = 500
+        elif trouble == "not-a-jwks":
+            idp.status, idp.jwks = 200, {"keys": []}
+        else:
+            await idp.stop()
+        seen = idp.hits
+        if trouble == "down":
+            await asyncio.sleep(0.35)  # a few refreshes, every one failing
+        else:
+            await eventually(lambda seen=seen: idp.hits >= seen + 2)
+        assert await chat_status(gw, token) == 200, trouble
+    assert len(events(gw, "jwks_refresh_failed")) == 1  # one streak, one line
+    assert not events(gw, "jwks_loaded")[1:]  # only the start-up load
