@@ -51,6 +51,7 @@ class ProviderConfig:
     headers: Mapping[str, str] = field(default_factory=dict)
     max_connections: int = 256
     probe_path: str | None = "/models"  # background health probe (GET base_url + path); None: off
+    limits: Limits | None = None  # global, across all teams: protects the provider account
 
     @property
     def configured(self) -> bool:
@@ -61,6 +62,7 @@ class ProviderConfig:
 class TargetConfig:
     provider: str
     model: str
+    limits: Limits | None = None  # global limit on this upstream (provider, model), across all teams
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +202,8 @@ class JwtConfig:
     team_claim: str = "team"
     secret: str | None = field(default=None, repr=False)
     public_key_file: str | None = None
+    jwks_url: str | None = None  # the IdP's JWKS endpoint (operator config), fetched and refreshed
+    jwks_refresh_seconds: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +231,10 @@ class Config:
         found = [p.api_key for p in self.providers if p.api_key]
         if self.jwt and self.jwt.secret:
             found.append(self.jwt.secret)
+        if self.jwt and self.jwt.jwks_url:
+            jwks_password = urlsplit(self.jwt.jwks_url).password
+            if jwks_password:
+                found.append(jwks_password)
         if self.metrics.bearer_token:
             found.append(self.metrics.bearer_token)
         if self.redis is not None:
@@ -355,7 +363,17 @@ def _timeouts(r: _Reader) -> Timeouts:
 
 
 def _provider(r: _Reader) -> ProviderConfig:
-    r.known("name", "type", "base_url", "api_key", "timeouts", "headers", "max_connections", "probe_path")
+    r.known(
+        "name",
+        "type",
+        "base_url",
+        "api_key",
+        "timeouts",
+        "headers",
+        "max_connections",
+        "probe_path",
+        "limits",
+    )
     name = r.get("name", str, "", required=True)
     kind = r.get("type", str, "openai", required=True)
     if kind not in PROVIDER_TYPES:
@@ -380,6 +398,7 @@ def _provider(r: _Reader) -> ProviderConfig:
         probe_path=(r.get("probe_path", str, "/models") or None)
         if r.data.get("probe_path") is not False
         else None,
+        limits=_limits(r.child("limits")) if r.data.get("limits") is not None else None,
     )
 
 
@@ -387,9 +406,11 @@ def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
     r.known("name", "targets", "pricing", "context_window", "cache")
     targets = []
     for t in r.items("targets"):
-        t.known("provider", "model")
+        t.known("provider", "model", "limits")
         target = TargetConfig(
-            t.get("provider", str, "", required=True), t.get("model", str, "", required=True)
+            t.get("provider", str, "", required=True),
+            t.get("model", str, "", required=True),
+            _limits(t.child("limits")) if t.data.get("limits") is not None else None,
         )
         if target.provider and target.provider not in provider_names:
             t.problem("provider", f"unknown provider {target.provider!r}")
@@ -512,7 +533,16 @@ def _routing(r: _Reader, provider_names: set[str]) -> RoutingConfig:
 def _jwt(r: _Reader) -> JwtConfig | None:
     if not r.data:
         return None
-    r.known("algorithms", "secret", "public_key_file", "audience", "issuer", "team_claim")
+    r.known(
+        "algorithms",
+        "secret",
+        "public_key_file",
+        "jwks_url",
+        "jwks_refresh_seconds",
+        "audience",
+        "issuer",
+        "team_claim",
+    )
     algorithms = r.strings("algorithms") or ()
     if not algorithms:
         r.problem("algorithms", "is required (a list such as [RS256])")
@@ -523,12 +553,19 @@ def _jwt(r: _Reader) -> JwtConfig | None:
             r.problem("algorithms", f"unsupported algorithm {alg!r}")
     secret = r.get("secret", str, "") or None
     key_file = r.get("public_key_file", str, "") or None
+    jwks_url = r.get("jwks_url", str, "") or None
+    jwks_refresh = r.get("jwks_refresh_seconds", float, 300.0)
+    _positive(r, "jwks_refresh_seconds", jwks_refresh)
     if any(a.startswith("HS") for a in algorithms) and not secret:
         r.problem("secret", "is required for HS* algorithms")
-    if any(not a.startswith("HS") for a in algorithms) and not key_file:
-        r.problem("public_key_file", "is required for RS*/ES*/PS* algorithms")
-    elif key_file and not Path(key_file).is_file():
+    if key_file and jwks_url:
+        r.problem("jwks_url", "set either public_key_file or jwks_url, not both")
+    elif any(not a.startswith("HS") for a in algorithms) and not key_file and not jwks_url:
+        r.problem("public_key_file", "is required for RS*/ES*/PS*/EdDSA algorithms (or set jwks_url)")
+    if key_file and not Path(key_file).is_file():
         r.problem("public_key_file", f"no such file: {key_file}")
+    if jwks_url:
+        _jwks_url(r, jwks_url)
     return JwtConfig(
         algorithms=algorithms,
         audience=r.get("audience", str, "", required=True),
@@ -536,7 +573,39 @@ def _jwt(r: _Reader) -> JwtConfig | None:
         team_claim=r.get("team_claim", str, "team"),
         secret=secret,
         public_key_file=key_file,
+        jwks_url=jwks_url,
+        jwks_refresh_seconds=jwks_refresh,
     )
+
+
+def _jwks_url(r: _Reader, url: str) -> None:
+    """The JWKS endpoint: an absolute http(s) URL with a host (operator config, never client input)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        r.problem("jwks_url", "is not a valid URL")
+        return
+    if parts.scheme not in ("http", "https"):
+        r.problem("jwks_url", "must start with http:// or https://")
+    elif not parts.hostname:
+        r.problem("jwks_url", "must name a host (http(s)://host/path)")
+
+
+def _target_limits_agree(r: _Reader, models: list[ModelConfig]) -> None:
+    """A target's limits belong to its upstream (provider, model), shared by every model routing there."""
+    seen: dict[tuple[str, str], Limits] = {}
+    for model in models:
+        for t in model.targets:
+            if t.limits is None:
+                continue
+            first = seen.setdefault((t.provider, t.model), t.limits)
+            if first != t.limits:
+                r.problem(
+                    "models",
+                    f"target {t.provider}/{t.model} has different limits in different models; "
+                    "they share one upstream, so give them the same limits (or set them once)",
+                )
 
 
 def _unique(r: _Reader, what: str, names: list[str]) -> None:
@@ -589,6 +658,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     if not models:
         root.problem("models", "needs at least one model")
     _unique(root, "models", [m.name for m in models])
+    _target_limits_agree(root, models)
     model_names = {m.name for m in models}
 
     teams = [_team(t, model_names) for t in root.items("teams")]

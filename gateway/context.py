@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from gateway.auth import Identity
     from gateway.state.base import Check, Op
+    from gateway.upstream_limits import Held
 
 
 @dataclass(slots=True)
@@ -76,6 +77,7 @@ class RequestContext:
     ops: list[Op] = field(default_factory=list)  # settlement steps plugins add in finish
     reserved_tokens: int = 0
     local_admission: bool = False  # limits were taken by the local fallback limiter
+    upstream_held: Held | None = None  # the serving attempt's upstream limits (gateway.upstream_limits)
     # ... and by the router / relay.
     provider: str | None = None
     upstream_model: str | None = None

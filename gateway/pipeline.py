@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import structlog
 from aiohttp import web
@@ -27,6 +27,9 @@ from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.state.base import Check, Decision, Op, Store, StoreScriptError, StoreUnavailable
 from gateway.state.cache import CacheStore
 from gateway.state.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from gateway.upstream_limits import UpstreamLimits
 
 log = structlog.get_logger("gateway.pipeline")
 
@@ -68,21 +71,28 @@ class Limiter:
         self.backlog: deque[Sequence[Op]] = deque(maxlen=100_000)  # spend to replay after an outage
         self.replay_task: asyncio.Task[None] | None = None
         self._limited: dict[tuple[str, str], metrics.Counter] = {}
+        self.tasks: set[asyncio.Task[None]] = set()  # background settlements
 
     async def enforce(self, ctx: RequestContext) -> None:
         checks, ctx.checks = ctx.checks, []
-        try:
-            decision = await self.store.admit(checks)
-        except StoreUnavailable:
-            decision = await self._degraded(ctx, checks)
-        else:
-            self._replay_soon()  # the store answers again: book what the outage left behind
+        decision, local = await self.take(checks)
+        ctx.local_admission = ctx.local_admission or local
         _headers(ctx, checks, decision)
         if decision.failed is not None:
             self._refuse(ctx, decision)
         ctx.admitted.extend(checks if not ctx.local_admission else [c for c in checks if c.kind != "budget"])
 
-    async def _degraded(self, ctx: RequestContext, checks: list[Check]) -> Decision:
+    async def take(self, checks: list[Check]) -> tuple[Decision, bool]:
+        """Check and take ``checks`` in the store; True with the decision when the local fallback
+        limiter took them instead (the store is unreachable and the policy allows it)."""
+        try:
+            decision = await self.store.admit(checks)
+        except StoreUnavailable:
+            return await self._degraded(checks), True
+        self._replay_soon()  # the store answers again: book what the outage left behind
+        return decision, False
+
+    async def _degraded(self, checks: list[Check]) -> Decision:
         if not self.fail_open_budgets and any(c.kind == "budget" for c in checks):
             raise ServiceUnavailable(
                 "budgets cannot be checked right now (state store unavailable)",
@@ -93,7 +103,6 @@ class Limiter:
                 "rate limits cannot be checked right now (state store unavailable)",
                 code="state_store_unavailable",
             )
-        ctx.local_admission = True
         return await self.local.admit([c for c in checks if c.kind != "budget"])
 
     def _refuse(self, ctx: RequestContext, decision: Decision) -> None:
@@ -127,11 +136,23 @@ class Limiter:
 
     async def settle(self, ctx: RequestContext) -> None:
         ops, ctx.ops = ctx.ops, []
+        await self.settle_ops(ops, local=ctx.local_admission, request_id=ctx.request_id)
+
+    def settle_soon(self, ops: list[Op], *, local: bool) -> None:
+        """Settle in the background (tracked: shutdown and ``drain`` wait for it)."""
+        self.spawn(self.settle_ops(ops, local=local))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def settle_ops(self, ops: list[Op], *, local: bool, request_id: str | None = None) -> None:
         if not ops:
             return
-        if ctx.local_admission:
-            local = [o for o in ops if o.kind in ("bucket", "release")]
-            await self.local.settle(local)
+        if local:
+            await self.local.settle([o for o in ops if o.kind in ("bucket", "release")])
             # Releases also go to Redis: an admission that timed out may still have taken its slot
             # there, and releasing a slot that was never taken is harmless (ZREM of a non-member).
             ops = [o for o in ops if o.kind != "bucket"]
@@ -140,7 +161,7 @@ class Limiter:
         try:
             await self.store.settle(ops)
         except StoreScriptError:
-            log.error("settle_rejected", request_id=ctx.request_id)  # replaying it would fail again
+            log.error("settle_rejected", request_id=request_id)  # replaying it would fail again
             return
         except StoreUnavailable:
             # Spend, usage and slot releases are replayed when the store is back: nothing is lost.
@@ -203,7 +224,7 @@ class Pipeline:
     def __init__(self, plugins: Sequence[Plugin], limiter: Limiter) -> None:
         self.plugins = tuple(plugins)
         self.limiter = limiter
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.upstream: UpstreamLimits | None = None  # set when a provider or target has limits
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
         for plugin in self.plugins:
@@ -229,12 +250,13 @@ class Pipeline:
                 continue
             if work is not None:
                 pending.append(work)
+        held, ctx.upstream_held = ctx.upstream_held, None
+        if held is not None and self.upstream is not None:
+            # The upstream limits live under another hash tag: a store call of their own.
+            self.upstream.give_back(held, ctx.charged_tokens())
         if not (ctx.ops or pending):
             return None
-        task = asyncio.get_running_loop().create_task(self._settle(ctx, pending))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self.limiter.spawn(self._settle(ctx, pending))
 
     async def _settle(self, ctx: RequestContext, pending: list[Awaitable[None]]) -> None:
         for work in (self.limiter.settle(ctx), *pending):
@@ -246,7 +268,8 @@ class Pipeline:
     async def drain(self) -> None:
         """Wait for background settlements (shutdown, and tests that read the books right after),
         including one more try at booking what an outage left behind."""
-        self.limiter._replay_soon()
-        while self._tasks or (self.limiter.replay_task and not self.limiter.replay_task.done()):
-            replay = [self.limiter.replay_task] if self.limiter.replay_task else []
-            await asyncio.gather(*list(self._tasks), *replay, return_exceptions=True)
+        limiter = self.limiter
+        limiter._replay_soon()
+        while limiter.tasks or (limiter.replay_task and not limiter.replay_task.done()):
+            replay = [limiter.replay_task] if limiter.replay_task else []
+            await asyncio.gather(*list(limiter.tasks), *replay, return_exceptions=True)

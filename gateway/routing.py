@@ -22,6 +22,7 @@ from gateway.config import CircuitBreakerConfig, Config, ModelConfig, RoutingCon
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
 from gateway.providers import Provider
+from gateway.upstream_limits import Held, Plan, UpstreamLimited, UpstreamLimits, refused
 
 log = structlog.get_logger("gateway.routing")
 T = TypeVar("T")
@@ -91,6 +92,7 @@ class Target:
     provider: Provider
     model: str
     breaker: CircuitBreaker
+    limits: Plan | None = None  # gateway-wide limits on this upstream (gateway.upstream_limits)
     # Metric children bound once per label set, not resolved per request.
     outcomes: dict[str, metrics.Counter] = field(default_factory=dict)
 
@@ -115,8 +117,10 @@ class Router:
         config: Config,
         providers: Mapping[str, Provider],
         observe: Callable[[str, bool, float | None], None] = _ignore,
+        upstream: UpstreamLimits | None = None,
     ) -> None:
         self.settings: RoutingConfig = config.routing
+        self.upstream = upstream
         self.observe = observe  # live traffic feeds provider health
         cb = config.routing.circuit_breaker
         self.routes: dict[str, Route] = {}
@@ -144,7 +148,8 @@ class Router:
             breaker = self._breakers[(provider.name, model)] = CircuitBreaker(
                 cb.failures, cb.cooldown_seconds, metrics.CIRCUIT_OPEN.labels(provider.name, model)
             )
-        return Target(provider, model, breaker)
+        plan = self.upstream.plan(provider.name, model) if self.upstream is not None else None
+        return Target(provider, model, breaker, plan)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         s = self.settings
@@ -156,6 +161,7 @@ class Router:
     async def run(self, ctx: RequestContext, attempt: Callable[[Target], Awaitable[T]]) -> T:
         route = self.routes[ctx.model.name]
         last: AttemptFailed | None = None
+        limited: UpstreamLimited | None = None
         previous: Target | None = None
         for target in route.targets:
             if not target.breaker.allow():
@@ -167,11 +173,25 @@ class Router:
             for n in range(self.settings.retries + 1):
                 if n:
                     await asyncio.sleep(self.backoff(n - 1, last.retry_after if last else None))
+                held: Held | None = None
+                if target.limits is not None and self.upstream is not None:
+                    try:
+                        held = await self.upstream.take(ctx, target.limits)
+                    except UpstreamLimited as refusal:
+                        # Like an upstream 429, without calling it: the next target is tried.
+                        if limited is None or refusal.retry_after < limited.retry_after:
+                            limited = refusal
+                        _upstream_outcome(target, "gateway_limited")
+                        break
+                    ctx.upstream_held = held
                 ctx.attempts += 1
                 try:
                     result = await attempt(target)
                 except AttemptFailed as failure:
                     last = failure
+                    if held is not None and self.upstream is not None:
+                        ctx.upstream_held = None
+                        self.upstream.give_back(held, 0)  # nothing was served: tokens and slot back
                     _upstream_outcome(target, failure.outcome)
                     self.observe(target.provider.name, False, None)
                     log.info(
@@ -205,6 +225,8 @@ class Router:
                     log.info("circuit_closed", provider=target.provider.name, upstream_model=target.model)
                 target.breaker.success()
                 return result
+        if last is None and limited is not None:
+            raise refused(limited, ctx.model.name)
         if last is None:
             why = (
                 "every target's circuit is open"

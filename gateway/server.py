@@ -46,6 +46,7 @@ from gateway.state.base import Store, StoreUnavailable
 from gateway.state.cache import CacheStore, MemoryCache, RedisCache
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
+from gateway.upstream_limits import UpstreamLimits
 
 log = structlog.get_logger("gateway")
 
@@ -246,6 +247,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         log.info("mock_upstream_started", url=gw.mock_url)
     for provider in gw.providers.values():
         await provider.start()
+    await gw.auth.start()  # JWT keys from a JWKS URL, if configured (a failed fetch is logged, not fatal)
     await gw.prober.probe_all()  # bounded by health.timeout_seconds; probes run concurrently
     probes = asyncio.get_running_loop().create_task(gw.prober.run())
     gw.ready = True
@@ -259,6 +261,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if mock_runner is not None:
         await mock_runner.cleanup()
     await gw.pipeline.drain()
+    await gw.auth.close()
     await gw.store.close()
 
 
@@ -276,29 +279,32 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         interval=config.health.interval_seconds,
         timeout=config.health.timeout_seconds,
     )
-    router = Router(config, providers, prober.observe)
-    # Only providers some model routes to are probed and reported (an unconfigured one is never called).
-    prober.watch({t.provider.name: t.provider for r in router.routes.values() for t in r.targets})
-    auth = Authenticator(config, store)
-    prefix = config.redis.prefix if config.redis else "llmgw"
     limiter = Limiter(
         store,
         fail_open_limits=config.redis.fail_open_limits if config.redis else True,
         fail_open_budgets=config.redis.fail_open_budgets if config.redis else False,
     )
+    prefix = config.redis.prefix if config.redis else "llmgw"
+    upstream = UpstreamLimits(config, limiter, prefix)
+    router = Router(config, providers, prober.observe, upstream if upstream.configured else None)
+    # Only providers some model routes to are probed and reported (an unconfigured one is never called).
+    prober.watch({t.provider.name: t.provider for r in router.routes.values() for t in r.targets})
+    auth = Authenticator(config, store)
     cache: CacheStore = (
         RedisCache(store.client)
         if isinstance(store, RedisStore)
         else MemoryCache(config.cache.max_memory_bytes)
     )
     services = Services(config=config, store=store, auth=auth, prefix=prefix, cache=cache)
+    pipeline = Pipeline(plugins.build(config.plugins, services), limiter)
+    pipeline.upstream = router.upstream
     gw = Gateway(
         config=config,
         providers=providers,
         router=router,
         store=store,
         auth=auth,
-        pipeline=Pipeline(plugins.build(config.plugins, services), limiter),
+        pipeline=pipeline,
         prober=prober,
         cache=cache,
         models_body=openai.models_body([m.name for m in config.models]),

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from aiohttp import web
 
-from gateway.accounting import estimate_prompt_tokens
+from gateway.accounting import reserve_tokens
 from gateway.config import Limits
 from gateway.context import RequestContext
 from gateway.pipeline import Services
@@ -50,7 +50,7 @@ class RateLimitPlugin:
             scopes.append((f"{base}:k:{identity.key.id}", identity.key.limits))
         tpm = min((limits.tpm for _, limits in scopes if limits.tpm), default=0)
         if tpm and not ctx.reserved_tokens:
-            ctx.reserved_tokens = self._estimate(ctx, tpm)
+            ctx.reserved_tokens = reserve_tokens(ctx, tpm, self.default_max_tokens)
         for key, limits in scopes:
             if limits.rpm:
                 ctx.checks.append(
@@ -82,18 +82,6 @@ class RateLimitPlugin:
 
     def _member(self) -> str:
         return f"{self._slot_prefix}{next(self._slots):x}"
-
-    def _estimate(self, ctx: RequestContext, tpm: int) -> int:
-        body = ctx.body
-        prompt = estimate_prompt_tokens(ctx.body_size)
-        completion = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not isinstance(completion, int) or isinstance(completion, bool):
-            # No max_tokens: reserve the default, but at most half of what the tightest tpm leaves
-            # after the prompt — a client that asked for nothing must not be refused as too large,
-            # nor have each request hold the whole bucket.
-            default = 0 if ctx.endpoint == "embeddings" else self.default_max_tokens
-            completion = max(0, min(default, (tpm - prompt) // 2))
-        return prompt + completion
 
     def finish(self, ctx: RequestContext) -> None:
         used = ctx.charged_tokens()

@@ -311,3 +311,59 @@ async def test_embedded_config_answers_from_the_builtin_mock(
     )
     assert raw.parse().choices[0].message.content == "Mock answer: no keys here"
     assert raw.headers["x-gateway-provider"] == "mock"
+
+
+# --- auth.jwt.jwks_url -------------------------------------------------------------------------------------
+
+
+def jwt_settings(**settings: Any) -> dict[str, Any]:
+    return minimal(auth={"jwt": {"algorithms": ["RS256"], "audience": "a", "issuer": "i", **settings}})
+
+
+def test_jwks_url_is_parsed_with_its_refresh_interval() -> None:
+    cfg = parse(jwt_settings(jwks_url="https://id.example.com/.well-known/jwks.json"), env={})
+    assert cfg.jwt is not None
+    assert cfg.jwt.jwks_url == "https://id.example.com/.well-known/jwks.json"
+    assert cfg.jwt.jwks_refresh_seconds == 300
+    assert cfg.jwt.public_key_file is None
+    cfg = parse(jwt_settings(jwks_url="http://127.0.0.1:8081/jwks", jwks_refresh_seconds=2.5), env={})
+    assert cfg.jwt is not None and cfg.jwt.jwks_refresh_seconds == 2.5
+    with_password = parse(jwt_settings(jwks_url="https://user:jwks-pass-0123@id.example.com/jwks"), env={})
+    assert "jwks-pass-0123" in with_password.secrets()
+
+
+def test_jwks_url_and_public_key_file_together_is_a_problem(tmp_path: Path) -> None:
+    pem = tmp_path / "key.pem"
+    pem.write_text("-----BEGIN PUBLIC KEY-----\n")
+    problems = problems_of(jwt_settings(public_key_file=str(pem), jwks_url="https://id.example.com/jwks"))
+    assert problems == ["auth.jwt.jwks_url: set either public_key_file or jwks_url, not both"]
+
+
+def test_neither_jwks_url_nor_public_key_file_is_a_problem() -> None:
+    problems = problems_of(jwt_settings())
+    assert problems == [
+        "auth.jwt.public_key_file: is required for RS*/ES*/PS*/EdDSA algorithms (or set jwks_url)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"jwks_url": "ftp://id.example.com/jwks"}, "auth.jwt.jwks_url: must start with http:// or https://"),
+        ({"jwks_url": "file:///etc/jwks.json"}, "auth.jwt.jwks_url: must start with http:// or https://"),
+        ({"jwks_url": "id.example.com/jwks"}, "auth.jwt.jwks_url: must start with http:// or https://"),
+        ({"jwks_url": "https:///jwks"}, "auth.jwt.jwks_url: must name a host"),
+        ({"jwks_url": "https://id.example.com:99999/jwks"}, "auth.jwt.jwks_url: is not a valid URL"),
+        (
+            {"jwks_url": "https://id.example.com/jwks", "jwks_refresh_seconds": 0},
+            "auth.jwt.jwks_refresh_seconds: must be greater than 0",
+        ),
+        (
+            {"jwks_url": "https://id.example.com/jwks", "jwks_refresh_seconds": "often"},
+            "auth.jwt.jwks_refresh_seconds: must be float",
+        ),
+    ],
+    ids=["ftp", "file", "no-scheme", "no-host", "bad-port", "zero-refresh", "not-a-number"],
+)
+def test_bad_jwks_settings_are_problems(settings: dict[str, Any], problem: str) -> None:
+    assert any(p.startswith(problem) for p in problems_of(jwt_settings(**settings))), problem
