@@ -55,8 +55,8 @@ class Plugin(Protocol):
     def finish(self, ctx: RequestContext) -> Awaitable[None] | None:
         """Append settlement ``Op``s to ``ctx.ops`` (the pipeline does that I/O once, for all plugins).
 
-        A plugin with I/O of its own (the cache's write) returns an awaitable instead; it runs in the
-        same background task as the settlement."""
+        A plugin with I/O of its own (the cache's write) returns an awaitable instead; it runs in a
+        background task."""
 
 
 class Limiter:
@@ -134,13 +134,23 @@ class Limiter:
             headers=headers,
         )
 
-    async def settle(self, ctx: RequestContext) -> None:
-        ops, ctx.ops = ctx.ops, []
-        await self.settle_ops(ops, local=ctx.local_admission, request_id=ctx.request_id)
+    def settle(self, ops: list[Op], *, local: bool, request_id: str | None = None) -> None:
+        """Settle without waiting: the ops leave (ahead of this instance's later admissions) now;
+        if the store turns out unreachable they are kept and replayed when it is back."""
+        if not ops:
+            return
+        if local:
+            self.local.settle_now([o for o in ops if o.kind in ("bucket", "release")])
+            # Releases also go to Redis: an admission that timed out may still have taken its slot
+            # there, and releasing a slot that was never taken is harmless (ZREM of a non-member).
+            ops = [o for o in ops if o.kind != "bucket"]
+            if not ops:
+                return
+        if not self.store.settle_soon(ops, self._unsettled):
+            self.spawn(self.settle_ops(ops, request_id))  # connects first
 
-    def settle_soon(self, ops: list[Op], *, local: bool) -> None:
-        """Settle in the background (tracked: shutdown and ``drain`` wait for it)."""
-        self.spawn(self.settle_ops(ops, local=local))
+    def _unsettled(self, ops: Sequence[Op]) -> None:
+        self.backlog.append(ops)  # replayed once the store answers again: nothing is lost
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
@@ -148,23 +158,14 @@ class Limiter:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def settle_ops(self, ops: list[Op], *, local: bool, request_id: str | None = None) -> None:
-        if not ops:
-            return
-        if local:
-            await self.local.settle([o for o in ops if o.kind in ("bucket", "release")])
-            # Releases also go to Redis: an admission that timed out may still have taken its slot
-            # there, and releasing a slot that was never taken is harmless (ZREM of a non-member).
-            ops = [o for o in ops if o.kind != "bucket"]
-        if not ops:
-            return
+    async def settle_ops(self, ops: list[Op], request_id: str | None = None) -> None:
+        """The waiting form of ``settle`` (the store is not connected right now)."""
         try:
             await self.store.settle(ops)
         except StoreScriptError:
             log.error("settle_rejected", request_id=request_id)  # replaying it would fail again
             return
         except StoreUnavailable:
-            # Spend, usage and slot releases are replayed when the store is back: nothing is lost.
             self.backlog.append(ops)
             return
         self._replay_soon()
@@ -237,10 +238,11 @@ class Pipeline:
             await self.limiter.enforce(ctx)
         return None
 
-    def finish(self, ctx: RequestContext) -> asyncio.Task[None] | None:
-        """Called exactly once per request that entered ``admit``; the store I/O runs in a background
-        task, so a cancelled (disconnected) handler never waits for it. The task is returned for a
-        caller that must not answer before a parallel slot is free again."""
+    def finish(self, ctx: RequestContext) -> None:
+        """Called exactly once per request that entered ``admit``, before its answer is sent. The
+        store settlement is sent without waiting for its reply: a parallel slot is on its way back
+        before the client can send its next request, and a disconnected handler never waits. A
+        plugin's own I/O (the cache write) runs in a background task."""
         pending: list[Awaitable[None]] = []
         for plugin in self.plugins:
             try:
@@ -254,12 +256,14 @@ class Pipeline:
         if held is not None and self.upstream is not None:
             # The upstream limits live under another hash tag: a store call of their own.
             self.upstream.give_back(held, ctx.charged_tokens())
-        if not (ctx.ops or pending):
-            return None
-        return self.limiter.spawn(self._settle(ctx, pending))
+        if ctx.ops:
+            ops, ctx.ops = ctx.ops, []
+            self.limiter.settle(ops, local=ctx.local_admission, request_id=ctx.request_id)
+        if pending:
+            self.limiter.spawn(self._run(ctx, pending))
 
-    async def _settle(self, ctx: RequestContext, pending: list[Awaitable[None]]) -> None:
-        for work in (self.limiter.settle(ctx), *pending):
+    async def _run(self, ctx: RequestContext, pending: list[Awaitable[None]]) -> None:
+        for work in pending:
             try:
                 await work
             except Exception:
@@ -269,7 +273,9 @@ class Pipeline:
         """Wait for background settlements (shutdown, and tests that read the books right after),
         including one more try at booking what an outage left behind."""
         limiter = self.limiter
+        await limiter.store.settled()
         limiter._replay_soon()
         while limiter.tasks or (limiter.replay_task and not limiter.replay_task.done()):
             replay = [limiter.replay_task] if limiter.replay_task else []
             await asyncio.gather(*list(limiter.tasks), *replay, return_exceptions=True)
+            await limiter.store.settled()

@@ -158,15 +158,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response.headers["x-request-id"] = rid
     finally:
         in_flight.leave()
-        settling = (
+        if request.path.startswith(_LOGGED):
             _finish(request, rid, status, time.perf_counter() - started)
-            if request.path.startswith(_LOGGED)
-            else None
-        )
-    if settling is not None:
-        # SECURITY/exactness: a client that sends its next request the moment it has this answer must
-        # find its parallel slot free, so the release is settled before the answer goes out.
-        await asyncio.shield(settling)
     return response
 
 
@@ -175,7 +168,7 @@ def _clean_id(rid: str) -> str:
     return rid if rid.startswith(_GENERATED) else REDACTOR.clean(rid)
 
 
-def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyncio.Task[None] | None:
+def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None:
     """Settle the request with the plugins, then the one access line and the request metrics."""
     ctx: RequestContext | None = request.get(CONTEXT)
     if ctx is None:
@@ -190,14 +183,14 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
                 "latency_ms": round(elapsed * 1000, 2),
             }
         )
-        return None
+        return
     if ctx.error is not None and status == 200:
         status = 502  # a stream that failed after it started: count it as the failure it was
     ctx.status = status
     usage = ctx.usage
     if usage is not None and ctx.cost_usd is None and ctx.cache != "hit":
         ctx.cost_usd = cost_usd(ctx.model.pricing, usage)
-    settling = request.app[GATEWAY].pipeline.finish(ctx)
+    request.app[GATEWAY].pipeline.finish(ctx)
     _request_metrics.observe(
         ctx.model.name, ctx.provider or "none", status, ctx.team or "none", elapsed, ctx.ttft
     )
@@ -231,9 +224,6 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
             "error": ctx.error,
         }
     )
-    if settling is not None and any(c.kind == "parallel" for c in ctx.admitted):
-        return settling
-    return None
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

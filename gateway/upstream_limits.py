@@ -125,7 +125,7 @@ class UpstreamLimits:
         """Reconcile an attempt's tokens with ``used_tokens`` and free its slot (in the background)."""
         ops = settle_ops(held.checks, used_tokens)
         if ops:
-            self.limiter.settle_soon(ops, local=held.local)
+            self.limiter.settle(ops, local=held.local)
 
 
 def settle_ops(checks: Sequence[Check], used_tokens: int) -> list[Op]:

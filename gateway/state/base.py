@@ -7,7 +7,7 @@ step — one Lua script on Redis — and settle a finished request in one more (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -105,6 +105,14 @@ def _dict(obj: Limits | Budgets) -> dict[str, Any]:
 class Store(Protocol):
     async def admit(self, checks: Sequence[Check]) -> Decision: ...
     async def settle(self, ops: Sequence[Op]) -> None: ...
+    def settle_soon(self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]) -> bool:
+        """Settle without waiting for the answer: the ops are on their way (ahead of any later
+        admission of this instance) when this returns True; ``failed(ops)`` is called if the store
+        then turns out unreachable. False: not connected right now, use ``settle``."""
+
+    async def settled(self) -> None:
+        """Wait until the answers of every ``settle_soon`` so far are in."""
+
     async def counter(self, key: str) -> float: ...
     async def usage(self, key: str) -> dict[str, float]: ...
     # The runtime directory (teams and keys created through the admin API).

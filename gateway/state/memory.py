@@ -6,7 +6,7 @@ Also serves as the per-instance fallback limiter while Redis is unreachable.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.state.base import Check, Decision, KeyRecord, Op
@@ -69,6 +69,16 @@ class MemoryStore:
         return value if wall < expires else 0.0
 
     async def settle(self, ops: Sequence[Op]) -> None:
+        self.settle_now(ops)
+
+    def settle_soon(self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]) -> bool:
+        self.settle_now(ops)
+        return True
+
+    async def settled(self) -> None:
+        return None
+
+    def settle_now(self, ops: Sequence[Op]) -> None:
         now, wall = time.monotonic(), time.time()
         for op in ops:
             v = op.values

@@ -10,9 +10,10 @@ CPU per request, the pipe a few µs. Everything off the hot path uses redis-py.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,11 @@ from gateway.state.resp import ReplyError, RespPipe
 log = structlog.get_logger("gateway.state")
 _LUA = Path(__file__).parent / "lua"
 _KIND = {"bucket": "b", "release": "p", "incr": "i", "usage": "u"}
+
+
+def _settle_specs(ops: Sequence[Op]) -> list[str]:
+    # One argument per op (fields joined by \x1f): encoding costs per argument, not per byte.
+    return ["\x1f".join([_KIND[op.kind], *map(str, op.values)]) for op in ops]
 
 
 class _Script:
@@ -91,6 +97,8 @@ class RedisStore:
         )
         self.outage = OutageLog()
         self.pipe = RespPipe(url, timeout=timeout)  # the hot path's own auto-pipelined connection
+        self._settling: set[asyncio.Future[Any]] = set()  # settle_soon calls awaiting their reply
+        self._retrying: set[asyncio.Task[None]] = set()
 
     async def _script(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -124,8 +132,52 @@ class RedisStore:
         return Decision(failed, -1.0 if retry_ms < 0 else retry_ms / 1000, remaining)
 
     async def settle(self, ops: Sequence[Op]) -> None:
-        specs = ["\x1f".join([_KIND[op.kind], *map(str, op.values)]) for op in ops]
-        await self._script(SETTLE, [op.key for op in ops], specs)
+        await self._script(SETTLE, [op.key for op in ops], _settle_specs(ops))
+
+    def settle_soon(self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]) -> bool:
+        future = self.pipe.send_now(
+            "EVALSHA", SETTLE.sha, len(ops), *[op.key for op in ops], *_settle_specs(ops)
+        )
+        if future is None:
+            return False
+        self._settling.add(future)
+        future.add_done_callback(lambda f: self._settle_reply(f, ops, failed))
+        return True
+
+    def _settle_reply(
+        self, future: asyncio.Future[Any], ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]
+    ) -> None:
+        self._settling.discard(future)
+        if future.cancelled():
+            failed(ops)
+            return
+        exc = future.exception()
+        if exc is not None:
+            self.outage.failure("script", exc)
+            failed(ops)
+            return
+        reply = future.result()
+        if isinstance(reply, ReplyError):
+            if str(reply).startswith("NOSCRIPT"):  # Redis restarted: the slow path loads the script
+                task = asyncio.get_running_loop().create_task(self._settle_again(ops, failed))
+                self._retrying.add(task)
+                task.add_done_callback(self._retrying.discard)
+            else:
+                log.error("settle_rejected", error=str(reply)[:200])  # replaying it would fail again
+            return
+        self.outage.success()
+
+    async def _settle_again(self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]) -> None:
+        try:
+            await self.settle(ops)
+        except StoreScriptError as exc:
+            log.error("settle_rejected", error=str(exc)[:200])
+        except StoreUnavailable:
+            failed(ops)
+
+    async def settled(self) -> None:
+        while self._settling or self._retrying:
+            await asyncio.gather(*self._settling, *self._retrying, return_exceptions=True)
 
     # -- reads and the directory (admin paths, not per request) -------------------------------
     async def _call(self, operation: str, method: str, *args: Any) -> Any:

@@ -94,6 +94,11 @@ class RespPipe:
                 raise StoreUnavailable("redis connection lost")
         return await self._send(encode(args))
 
+    def send_now(self, *args: Any) -> asyncio.Future[Any] | None:
+        """Queue one command without waiting (its reply arrives on the future); None when the
+        connection is not up (use ``call``, which connects)."""
+        return self._send(encode(args)) if self._ready else None
+
     def _send(self, command: bytes) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
