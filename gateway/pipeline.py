@@ -191,24 +191,29 @@ class Limiter:
 
 
 def _headers(ctx: RequestContext, checks: Sequence[Check], decision: Decision) -> None:
-    """OpenAI's x-ratelimit-* headers from the most restrictive request and token limits."""
-    best: dict[str, tuple[float, float, float]] = {}
-    refused: dict[str, tuple[float, float, float]] = {}
+    """OpenAI's x-ratelimit-* headers from the most restrictive request and token limits (a 429
+    describes the limit that refused it)."""
+    rpm: tuple[Check, float, float] | None = None
+    tpm: tuple[Check, float, float] | None = None
+    failed = decision.failed
     for check, (remaining, reset) in zip(checks, decision.remaining, strict=False):
-        if check.label in ("rpm", "tpm"):
-            current = best.get(check.label)
-            if current is None or remaining < current[1]:
-                best[check.label] = (check.limit, remaining, reset)
-            if check is decision.failed:  # a 429 describes the limit that refused it
-                refused[check.label] = (check.limit, remaining, reset)
-    best.update(refused)
+        label = check.label
+        if label == "rpm":
+            if rpm is None or (remaining < rpm[1] and rpm[0] is not failed) or check is failed:
+                rpm = (check, remaining, reset)
+        elif label == "tpm" and (
+            tpm is None or (remaining < tpm[1] and tpm[0] is not failed) or check is failed
+        ):
+            tpm = (check, remaining, reset)
     h = ctx.response_headers
-    for label, suffix in (("rpm", "requests"), ("tpm", "tokens")):
-        if label in best:
-            limit, remaining, reset = best[label]
-            h[f"x-ratelimit-limit-{suffix}"] = str(int(limit))
-            h[f"x-ratelimit-remaining-{suffix}"] = str(int(max(0, remaining)))
-            h[f"x-ratelimit-reset-{suffix}"] = _duration(reset)
+    if rpm is not None:
+        h["x-ratelimit-limit-requests"] = str(int(rpm[0].limit))
+        h["x-ratelimit-remaining-requests"] = str(int(rpm[1])) if rpm[1] > 0 else "0"
+        h["x-ratelimit-reset-requests"] = _duration(rpm[2])
+    if tpm is not None:
+        h["x-ratelimit-limit-tokens"] = str(int(tpm[0].limit))
+        h["x-ratelimit-remaining-tokens"] = str(int(tpm[1])) if tpm[1] > 0 else "0"
+        h["x-ratelimit-reset-tokens"] = _duration(tpm[2])
 
 
 def _duration(seconds: float) -> str:

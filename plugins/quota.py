@@ -7,15 +7,16 @@ and to the per-day usage report that ``GET /api/v1/usage`` reads — the same nu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 from aiohttp import web
 
 from gateway.accounting import windows
-from gateway.config import Budgets
+from gateway.config import TeamConfig
 from gateway.context import RequestContext
 from gateway.pipeline import Services
-from gateway.state.base import Check, Op
+from gateway.state.base import Check, KeyRecord, Op
 
 DAY_TTL = 3 * 86400
 MONTH_TTL = 40 * 86400
@@ -26,60 +27,86 @@ def usage_key(prefix: str, team: str, day: str) -> str:
     return f"{prefix}:{{{team}}}:usage:{day}"
 
 
+_MAX_PLANS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    team: TeamConfig
+    key: KeyRecord | None
+    day: str
+    budgets: tuple[tuple[str, str, float, bool], ...]  # (counter key, "d"/"m", limit, counts USD)
+    usage_key: str
+
+
 class QuotaPlugin:
     name: ClassVar[str] = "quota"
     declares_checks_only: ClassVar[bool] = True
 
     def __init__(self, services: Services) -> None:
         self.prefix = services.prefix
+        self._plans: dict[tuple[int, int], _Plan] = {}
 
-    def _scopes(self, ctx: RequestContext) -> list[tuple[str, Budgets]]:
+    def _plan(self, ctx: RequestContext) -> _Plan | None:
+        """The budget keys of the caller's team (and key) for the current windows, built once per
+        (team, key, day) — the day changes the key names, a replaced team or key gets a new plan."""
         identity = ctx.identity
         if identity is None or identity.team is None:
-            return []
-        base = f"{self.prefix}:{{{identity.team.id}}}"
-        scopes = [(base, identity.team.budgets)]
-        if identity.key is not None:
-            scopes.append((f"{base}:k:{identity.key.id}", identity.key.budgets))
-        return scopes
-
-    async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
-        day, month, day_left, month_left = windows()
-        for base, b in self._scopes(ctx):
-            for limit, window, left in (
-                (b.daily_usd, "usd:d:" + day, day_left),
-                (b.monthly_usd, "usd:m:" + month, month_left),
-                (b.daily_tokens, "tok:d:" + day, day_left),
-                (b.monthly_tokens, "tok:m:" + month, month_left),
+            return None
+        team, key = identity.team, identity.key
+        day, month, _, _ = windows()
+        cache_key = (id(team), id(key))
+        plan = self._plans.get(cache_key)
+        if plan is not None and plan.team is team and plan.key is key and plan.day == day:
+            return plan
+        base = f"{self.prefix}:{{{team.id}}}"
+        scopes = [(base, team.budgets)]
+        if key is not None:
+            scopes.append((f"{base}:k:{key.id}", key.budgets))
+        budgets: list[tuple[str, str, float, bool]] = []  # (key, window kind, limit, counts usd)
+        for scope, b in scopes:
+            for limit, window, usd in (
+                (b.daily_usd, "usd:d:" + day, True),
+                (b.monthly_usd, "usd:m:" + month, True),
+                (b.daily_tokens, "tok:d:" + day, False),
+                (b.monthly_tokens, "tok:m:" + month, False),
             ):
                 if limit is not None:
-                    key = f"{base}:{window}"
-                    ctx.checks.append(Check("budget", key, float(limit), "budget", stale_ms=int(left * 1000)))
+                    budgets.append((f"{scope}:{window}", window[4], float(limit), usd))
+        plan = _Plan(team, key, day, tuple(budgets), usage_key(self.prefix, team.id, day))
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[cache_key] = plan
+        return plan
+
+    async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
+        plan = self._plan(ctx)
+        if plan is None or not plan.budgets:
+            return None
+        _, _, day_left, month_left = windows()
+        stale = {"d": int(day_left * 1000), "m": int(month_left * 1000)}
+        for key, window, limit, _ in plan.budgets:
+            ctx.checks.append(Check("budget", key, limit, "budget", stale_ms=stale[window]))
         return None
 
     def finish(self, ctx: RequestContext) -> None:
-        scopes = self._scopes(ctx)
-        if not scopes or (not ctx.attempts and ctx.cache != "hit"):
+        if not ctx.attempts and ctx.cache != "hit":
             return  # refused before reaching a model (a limit, a budget, a bad request): nothing to book
-        day, month, _, _ = windows()
+        plan = self._plan(ctx)
+        if plan is None:
+            return
         tokens = ctx.charged_tokens()
         cost = ctx.cost_usd or 0.0
-        for base, budgets in scopes:
-            # Counters exist only for the windows a budget is set on (the usage report has the rest).
-            if cost and budgets.daily_usd is not None:
-                ctx.ops.append(Op("incr", f"{base}:usd:d:{day}", (cost, DAY_TTL)))
-            if cost and budgets.monthly_usd is not None:
-                ctx.ops.append(Op("incr", f"{base}:usd:m:{month}", (cost, MONTH_TTL)))
-            if tokens and budgets.daily_tokens is not None:
-                ctx.ops.append(Op("incr", f"{base}:tok:d:{day}", (tokens, DAY_TTL)))
-            if tokens and budgets.monthly_tokens is not None:
-                ctx.ops.append(Op("incr", f"{base}:tok:m:{month}", (tokens, MONTH_TTL)))
-        assert ctx.team is not None
+        # Counters exist only for the windows a budget is set on (the usage report has the rest).
+        for key, window, _, usd in plan.budgets:
+            amount = cost if usd else tokens
+            if amount:
+                ctx.ops.append(Op("incr", key, (amount, DAY_TTL if window == "d" else MONTH_TTL)))
         usage = ctx.usage if ctx.cache != "hit" else None
         ctx.ops.append(
             Op(
                 "usage",
-                usage_key(self.prefix, ctx.team, day),
+                plan.usage_key,
                 (
                     ctx.model.name,
                     usage.prompt_tokens if usage else 0,

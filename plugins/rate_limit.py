@@ -10,15 +10,30 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 from typing import ClassVar
 
 from aiohttp import web
 
 from gateway.accounting import reserve_tokens
-from gateway.config import Limits
+from gateway.config import Limits, TeamConfig
 from gateway.context import RequestContext
 from gateway.pipeline import Services
-from gateway.state.base import Check, Op
+from gateway.state.base import Check, KeyRecord, Op
+
+_MAX_PLANS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    # The objects the plan was built from: a team or key replaced at runtime gets a new plan (the
+    # identity check also guards against a recycled id()).
+    team: TeamConfig
+    key: KeyRecord | None
+    rpm: tuple[Check, ...]
+    tpm: tuple[tuple[str, int, float], ...]  # (key, limit, refill per second)
+    parallel: tuple[tuple[str, int], ...]  # (key, limit)
+    tightest_tpm: int
 
 
 class RateLimitPlugin:
@@ -35,50 +50,56 @@ class RateLimitPlugin:
         # A parallel slot left behind by a crashed instance is forgotten after the longest request.
         longest = max((p.timeouts.total for p in services.config.providers), default=600.0)
         self.stale_ms = int((longest + 60) * 1000)
+        self._plans: dict[tuple[int, int, str], _Plan] = {}
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
         identity = ctx.identity
         if identity is None or identity.team is None:
             return None
-        team = identity.team
-        base = f"{self.prefix}:{{{team.id}}}"
-        scopes: list[tuple[str, Limits]] = [(base, team.limits)]
-        model_limits = team.model_limits.get(ctx.model.name)
-        if model_limits is not None:
-            scopes.append((f"{base}:m:{ctx.model.name}", model_limits))
-        if identity.key is not None:
-            scopes.append((f"{base}:k:{identity.key.id}", identity.key.limits))
-        tpm = min((limits.tpm for _, limits in scopes if limits.tpm), default=0)
-        if tpm and not ctx.reserved_tokens:
-            ctx.reserved_tokens = reserve_tokens(ctx, tpm, self.default_max_tokens)
-        for key, limits in scopes:
-            if limits.rpm:
-                ctx.checks.append(
-                    Check("bucket", f"{key}:rpm", limits.rpm, "rpm", rate=limits.rpm / 60, cost=1)
-                )
-            if limits.tpm:
-                ctx.checks.append(
-                    Check(
-                        "bucket",
-                        f"{key}:tpm",
-                        limits.tpm,
-                        "tpm",
-                        rate=limits.tpm / 60,
-                        cost=ctx.reserved_tokens,
-                    )
-                )
-            if limits.max_parallel:
-                ctx.checks.append(
-                    Check(
-                        "parallel",
-                        f"{key}:par",
-                        limits.max_parallel,
-                        "parallel",
-                        member=self._member(),
-                        stale_ms=self.stale_ms,
-                    )
+        plan = self._plan(identity.team, identity.key, ctx.model.name)
+        if plan.tpm and not ctx.reserved_tokens:
+            ctx.reserved_tokens = reserve_tokens(ctx, plan.tightest_tpm, self.default_max_tokens)
+        checks = ctx.checks
+        checks.extend(plan.rpm)  # request-independent: built once, shared
+        for key, limit, rate in plan.tpm:
+            checks.append(Check("bucket", key, limit, "tpm", rate=rate, cost=ctx.reserved_tokens))
+        if plan.parallel:
+            member = self._member()
+            for key, limit in plan.parallel:
+                checks.append(
+                    Check("parallel", key, limit, "parallel", member=member, stale_ms=self.stale_ms)
                 )
         return None
+
+    def _plan(self, team: TeamConfig, key: KeyRecord | None, model: str) -> _Plan:
+        """The limits of (team, key, model), resolved once: keys, rates and the rpm checks."""
+        cache_key = (id(team), id(key), model)
+        cached = self._plans.get(cache_key)
+        if cached is not None and cached.team is team and cached.key is key:
+            return cached
+        base = f"{self.prefix}:{{{team.id}}}"
+        scopes: list[tuple[str, Limits]] = [(base, team.limits)]
+        model_limits = team.model_limits.get(model)
+        if model_limits is not None:
+            scopes.append((f"{base}:m:{model}", model_limits))
+        if key is not None:
+            scopes.append((f"{base}:k:{key.id}", key.limits))
+        plan = _Plan(
+            team,
+            key,
+            rpm=tuple(
+                Check("bucket", f"{k}:rpm", lim.rpm, "rpm", rate=lim.rpm / 60, cost=1)
+                for k, lim in scopes
+                if lim.rpm
+            ),
+            tpm=tuple((f"{k}:tpm", lim.tpm, lim.tpm / 60) for k, lim in scopes if lim.tpm),
+            parallel=tuple((f"{k}:par", lim.max_parallel) for k, lim in scopes if lim.max_parallel),
+            tightest_tpm=min((lim.tpm for _, lim in scopes if lim.tpm), default=0),
+        )
+        if len(self._plans) >= _MAX_PLANS:  # runtime teams and keys come and go: stay bounded
+            self._plans.clear()
+        self._plans[cache_key] = plan
+        return plan
 
     def _member(self) -> str:
         return f"{self._slot_prefix}{next(self._slots):x}"

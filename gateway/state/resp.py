@@ -29,13 +29,9 @@ ReplyError = hiredis.ReplyError
 
 
 def encode(args: tuple[Any, ...]) -> bytes:
-    """A command as a RESP array of bulk strings, built as one str and encoded once."""
-    parts = [f"*{len(args)}\r\n"]
-    for arg in args:
-        text = arg if isinstance(arg, str) else repr(arg)  # repr: exact for int and float
-        size = len(text) if text.isascii() else len(text.encode())
-        parts.append(f"${size}\r\n{text}\r\n")
-    return "".join(parts).encode()
+    """A command as a RESP array of bulk strings (hiredis' own packer: str as UTF-8, numbers exact)."""
+    packed: bytes = hiredis.pack_command(args)
+    return packed
 
 
 class _Protocol(asyncio.Protocol):
