@@ -11,6 +11,7 @@ request — after success, an upstream error or a client disconnect — and sett
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,15 @@ from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway.state.base import Check, Decision, Op, Store, StoreScriptError, StoreUnavailable
+from gateway.state.base import (
+    Check,
+    Decision,
+    Op,
+    Store,
+    StoreScriptError,
+    StoreUnavailable,
+    new_settle_id,
+)
 from gateway.state.cache import CacheStore
 from gateway.state.memory import MemoryStore
 
@@ -68,7 +77,8 @@ class Limiter:
         self.store = store
         self.local = store if isinstance(store, MemoryStore) else MemoryStore()
         self.fail_open_limits, self.fail_open_budgets = fail_open_limits, fail_open_budgets
-        self.backlog: deque[Sequence[Op]] = deque(maxlen=100_000)  # spend to replay after an outage
+        # Settlements to replay after an outage, each with its id (the store books it at most once).
+        self.backlog: deque[tuple[str, Sequence[Op]]] = deque(maxlen=100_000)
         self.replay_task: asyncio.Task[None] | None = None
         self._limited: dict[tuple[str, str], metrics.Counter] = {}
         self.tasks: set[asyncio.Task[None]] = set()  # background settlements
@@ -146,11 +156,12 @@ class Limiter:
             ops = [o for o in ops if o.kind != "bucket"]
             if not ops:
                 return
-        if not self.store.settle_soon(ops, self._unsettled):
-            self.spawn(self.settle_ops(ops, request_id))  # connects first
+        sid = new_settle_id()  # a replay carries the same id: booked at most once
+        if not self.store.settle_soon(ops, functools.partial(self._unsettled, sid), sid):
+            self.spawn(self.settle_ops(ops, sid, request_id))  # connects first
 
-    def _unsettled(self, ops: Sequence[Op]) -> None:
-        self.backlog.append(ops)  # replayed once the store answers again: nothing is lost
+    def _unsettled(self, settle_id: str, ops: Sequence[Op]) -> None:
+        self.backlog.append((settle_id, ops))  # replayed once the store answers again: nothing is lost
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
@@ -158,15 +169,15 @@ class Limiter:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def settle_ops(self, ops: list[Op], request_id: str | None = None) -> None:
+    async def settle_ops(self, ops: list[Op], settle_id: str, request_id: str | None = None) -> None:
         """The waiting form of ``settle`` (the store is not connected right now)."""
         try:
-            await self.store.settle(ops)
+            await self.store.settle(ops, settle_id)
         except StoreScriptError:
             log.error("settle_rejected", request_id=request_id)  # replaying it would fail again
             return
         except StoreUnavailable:
-            self.backlog.append(ops)
+            self.backlog.append((settle_id, ops))
             return
         self._replay_soon()
 
@@ -175,16 +186,16 @@ class Limiter:
             self.replay_task = asyncio.get_running_loop().create_task(self._replay())
 
     async def _replay(self) -> None:
-        """One task at a time replays the backlog, each entry exactly once (concurrent replays of
-        ``backlog[0]`` would book it twice and drop the next one)."""
+        """One task at a time replays the backlog, in order. Each entry keeps its settlement id, so one
+        that did run before its reply was lost is recognised by the store and not booked twice."""
         while self.backlog:
-            ops = self.backlog.popleft()
+            entry = self.backlog.popleft()
             try:
-                await self.store.settle(ops)
+                await self.store.settle(entry[1], entry[0])
             except StoreScriptError:
                 log.error("replay_rejected")  # an entry Redis refuses must not block those behind it
             except StoreUnavailable:
-                self.backlog.appendleft(ops)  # down again: the next successful call resumes
+                self.backlog.appendleft(entry)  # down again: the next successful call resumes
                 return
             except Exception:
                 log.exception("replay_failed")

@@ -7,6 +7,8 @@ step — one Lua script on Redis — and settle a finished request in one more (
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -14,6 +16,15 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.config import Budgets, Limits
+
+_SETTLE_PREFIX = os.urandom(6).hex()
+_settle_ids = itertools.count(1)
+
+
+def new_settle_id() -> str:
+    """A settlement's unique id: a replay of a settlement whose reply was lost carries the same one,
+    so the store books it at most once."""
+    return f"{_SETTLE_PREFIX}{next(_settle_ids):x}"
 
 
 class StoreUnavailable(Exception):
@@ -104,8 +115,10 @@ def _dict(obj: Limits | Budgets) -> dict[str, Any]:
 
 class Store(Protocol):
     async def admit(self, checks: Sequence[Check]) -> Decision: ...
-    async def settle(self, ops: Sequence[Op]) -> None: ...
-    def settle_soon(self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]) -> bool:
+    async def settle(self, ops: Sequence[Op], settle_id: str | None = None) -> None: ...
+    def settle_soon(
+        self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None], settle_id: str | None = None
+    ) -> bool:
         """Settle without waiting for the answer: the ops are on their way (ahead of any later
         admission of this instance) when this returns True; ``failed(ops)`` is called if the store
         then turns out unreachable. False: not connected right now, use ``settle``."""

@@ -68,10 +68,12 @@ class MemoryStore:
         value, expires = self._counters.get(key, (0.0, 0.0))
         return value if wall < expires else 0.0
 
-    async def settle(self, ops: Sequence[Op]) -> None:
-        self.settle_now(ops)
+    async def settle(self, ops: Sequence[Op], settle_id: str | None = None) -> None:
+        self.settle_now(ops)  # in-process: a settlement always runs once, no id needed
 
-    def settle_soon(self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]) -> bool:
+    def settle_soon(
+        self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None], settle_id: str | None = None
+    ) -> bool:
         self.settle_now(ops)
         return True
 

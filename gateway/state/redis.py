@@ -35,12 +35,18 @@ from gateway.state.base import (
     StoreUnavailable,
     key_from_json,
     key_to_json,
+    new_settle_id,
 )
 from gateway.state.resp import ReplyError, RespPipe
 
 log = structlog.get_logger("gateway.state")
 _LUA = Path(__file__).parent / "lua"
 _KIND = {"bucket": "b", "release": "p", "incr": "i", "usage": "u"}
+
+
+# How long a settlement's marker is kept: a settlement whose reply was lost (the connection dropped
+# after Redis ran it) and is replayed within this time is recognised and not booked twice.
+SETTLE_MARKER_MS = "600000"
 
 
 def _settle_specs(ops: Sequence[Op]) -> list[str]:
@@ -131,21 +137,34 @@ class RedisStore:
         failed = checks[failed_index - 1] if failed_index else None
         return Decision(failed, -1.0 if retry_ms < 0 else retry_ms / 1000, remaining)
 
-    async def settle(self, ops: Sequence[Op]) -> None:
-        await self._script(SETTLE, [op.key for op in ops], _settle_specs(ops))
+    def _settle_args(self, ops: Sequence[Op], settle_id: str | None) -> tuple[list[str], list[str]]:
+        # The marker shares the hash tag of the ops' keys (one settlement never mixes tags).
+        tag = ops[0].key.split("}", 1)[0] + "}"
+        marker = f"{tag}:settled:{settle_id or new_settle_id()}"
+        return [marker, *[op.key for op in ops]], [SETTLE_MARKER_MS, *_settle_specs(ops)]
 
-    def settle_soon(self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]) -> bool:
-        future = self.pipe.send_now(
-            "EVALSHA", SETTLE.sha, len(ops), *[op.key for op in ops], *_settle_specs(ops)
-        )
+    async def settle(self, ops: Sequence[Op], settle_id: str | None = None) -> None:
+        keys, args = self._settle_args(ops, settle_id)
+        await self._script(SETTLE, keys, args)
+
+    def settle_soon(
+        self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None], settle_id: str | None = None
+    ) -> bool:
+        sid = settle_id or new_settle_id()
+        keys, args = self._settle_args(ops, sid)
+        future = self.pipe.send_now("EVALSHA", SETTLE.sha, len(keys), *keys, *args)
         if future is None:
             return False
         self._settling.add(future)
-        future.add_done_callback(lambda f: self._settle_reply(f, ops, failed))
+        future.add_done_callback(lambda f: self._settle_reply(f, ops, failed, sid))
         return True
 
     def _settle_reply(
-        self, future: asyncio.Future[Any], ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]
+        self,
+        future: asyncio.Future[Any],
+        ops: Sequence[Op],
+        failed: Callable[[Sequence[Op]], None],
+        settle_id: str,
     ) -> None:
         self._settling.discard(future)
         if future.cancelled():
@@ -159,7 +178,7 @@ class RedisStore:
         reply = future.result()
         if isinstance(reply, ReplyError):
             if str(reply).startswith("NOSCRIPT"):  # Redis restarted: the slow path loads the script
-                task = asyncio.get_running_loop().create_task(self._settle_again(ops, failed))
+                task = asyncio.get_running_loop().create_task(self._settle_again(ops, failed, settle_id))
                 self._retrying.add(task)
                 task.add_done_callback(self._retrying.discard)
             else:
@@ -167,9 +186,11 @@ class RedisStore:
             return
         self.outage.success()
 
-    async def _settle_again(self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None]) -> None:
+    async def _settle_again(
+        self, ops: Sequence[Op], failed: Callable[[Sequence[Op]], None], settle_id: str
+    ) -> None:
         try:
-            await self.settle(ops)
+            await self.settle(ops, settle_id)
         except StoreScriptError as exc:
             log.error("settle_rejected", error=str(exc)[:200])
         except StoreUnavailable:

@@ -220,3 +220,70 @@ async def test_a_quick_redis_restart_fails_no_request(
         assert statuses == [200] * 8  # a budget team is never told the store is unavailable
     assert redis_errors() == errors
     assert redis_log_events(gw) == []
+
+
+class ReplyDropper:
+    """A TCP proxy in front of Redis that, when armed, cuts the connection carrying the next integer
+    reply (what settle.lua answers) instead of delivering it: Redis ran the settlement, the gateway
+    never hears so."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.armed = False
+        self.dropped = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def up() -> None:
+            while data := await client_r.read(65536):
+                redis_w.write(data)
+            redis_w.close()
+
+        async def down() -> None:
+            while data := await redis_r.read(65536):
+                if self.armed and data.startswith(b":"):
+                    self.armed = False
+                    self.dropped += 1
+                    client_w.transport.abort()
+                    redis_w.close()
+                    return
+                client_w.write(data)
+            client_w.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_settlement_whose_reply_is_lost_is_booked_once(
+    upstream, make_gateway, private_redis: PrivateRedis
+) -> None:
+    proxy = ReplyDropper(private_redis.port)
+    await proxy.start()
+    try:
+        cfg = outage_config(upstream.url, private_redis)
+        cfg["redis"]["url"] = proxy.url
+        gw = await make_gateway(cfg)
+        assert (await chat(gw, TEAM_B_KEY))[0] == 200
+        await gw.gateway.pipeline.drain()
+        proxy.armed = True  # the next settlement runs in Redis, but its reply never arrives
+        assert (await chat(gw, TEAM_B_KEY))[0] == 200
+        await gw.gateway.pipeline.drain()
+        assert proxy.dropped == 1
+        assert (await chat(gw, TEAM_B_KEY))[0] == 200  # reconnects; the lost one is replayed
+        total = await usage(gw, "team-b")
+        assert total["requests"] == 3  # not 4: the replay was recognised
+    finally:
+        await proxy.stop()

@@ -257,3 +257,24 @@ async def test_settle_soon_hands_back_what_an_unreachable_store_did_not_book(pri
         assert (not sent) or failures == [ops]
     finally:
         await store.close()
+
+
+async def test_a_replayed_settlement_is_booked_once() -> None:
+    # A settlement whose reply was lost (the connection dropped after Redis ran it) is replayed with
+    # the same id: the store recognises it, so spend, usage and token refunds are never counted twice.
+    prefix = f"s{uuid.uuid4().hex[:12]}"
+    store = RedisStore(REDIS_URL, prefix)
+    usd, usage = f"{prefix}:{{team}}:usd", f"{prefix}:{{team}}:usage:20260102"
+    ops = [Op("incr", usd, (0.5, 60)), Op("usage", usage, ("chat", 10, 5, 0.5, 60))]
+    try:
+        await store.settle(ops, "id-1")
+        await store.settle(ops, "id-1")  # the replay
+        failures: list[object] = []
+        assert store.settle_soon(ops, failures.append, "id-1")
+        await store.settled()
+        assert await store.counter(usd) == pytest.approx(0.5)
+        assert (await store.usage(usage))["chat|requests"] == 1.0
+        await store.settle(ops, "id-2")  # another request is booked as usual
+        assert await store.counter(usd) == pytest.approx(1.0)
+    finally:
+        await store.close()
