@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,9 +23,9 @@ _settle_ids = itertools.count(1)
 
 
 def new_settle_id() -> str:
-    """A settlement's unique id: a replay of a settlement whose reply was lost carries the same one,
-    so the store books it at most once."""
-    return f"{_SETTLE_PREFIX}{next(_settle_ids):x}"
+    """A settlement's unique id, ending in the minute it was made: a replay of a settlement whose
+    reply was lost carries the same one, so the store books it at most once."""
+    return f"{_SETTLE_PREFIX}{next(_settle_ids):x}.{int(time.time()) // 60}"
 
 
 class StoreUnavailable(Exception):

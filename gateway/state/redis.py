@@ -44,9 +44,10 @@ _LUA = Path(__file__).parent / "lua"
 _KIND = {"bucket": "b", "release": "p", "incr": "i", "usage": "u"}
 
 
-# How long a settlement's marker is kept: a settlement whose reply was lost (the connection dropped
-# after Redis ran it) and is replayed within this time is recognised and not booked twice.
-SETTLE_MARKER_MS = "600000"
+# How long the record of a settlement is kept: a settlement whose reply was lost (the connection dropped
+# after Redis ran it) and is replayed within this time is recognised and not booked twice. Records go
+# into one hash per hash tag and minute (a few bytes per settlement, not a key each).
+SETTLE_RECORD_MS = 300_000
 
 
 def _settle_specs(ops: Sequence[Op]) -> list[str]:
@@ -138,10 +139,12 @@ class RedisStore:
         return Decision(failed, -1.0 if retry_ms < 0 else retry_ms / 1000, remaining)
 
     def _settle_args(self, ops: Sequence[Op], settle_id: str | None) -> tuple[list[str], list[str]]:
-        # The marker shares the hash tag of the ops' keys (one settlement never mixes tags).
+        # The record shares the hash tag of the ops' keys (one settlement never mixes tags); its minute
+        # comes from the id, so a replay looks in the same hash as the original.
+        sid = settle_id or new_settle_id()
         tag = ops[0].key.split("}", 1)[0] + "}"
-        marker = f"{tag}:settled:{settle_id or new_settle_id()}"
-        return [marker, *[op.key for op in ops]], [SETTLE_MARKER_MS, *_settle_specs(ops)]
+        record = f"{tag}:settled:{sid.rsplit('.', 1)[-1]}"
+        return [record, *[op.key for op in ops]], [f"{sid}\x1f{SETTLE_RECORD_MS}", *_settle_specs(ops)]
 
     async def settle(self, ops: Sequence[Op], settle_id: str | None = None) -> None:
         keys, args = self._settle_args(ops, settle_id)

@@ -1,15 +1,18 @@
 -- Settle a finished request in one round trip, exactly once.
--- KEYS[1] / ARGV[1]: this settlement's marker key and how long it is kept (ms). A settlement whose
--- reply was lost is replayed by the gateway with the same marker: if it had run, it is skipped (-1).
+-- KEYS[1]: a hash of the settlements recently run (one per hash tag and minute); ARGV[1]: this
+-- settlement's id and how long the hash is kept (ms), separated by \31. A settlement whose reply was
+-- lost is replayed by the gateway with the same id: if it had run, it is skipped (-1).
 -- From 2 on, ARGV[i] pairs with KEYS[i]: one string of fields separated by \31 (one argument per
 -- step keeps the gateway's encoding cheap):
 --   b capacity rate delta                    adjust a token bucket (>0 takes, <0 refunds, capped)
 --   p member                                 release a parallel slot
 --   i amount ttl_s                           add to a counter (budgets), keep it ttl_s
 --   u model prompt completion cost ttl_s     one request in the usage report (a hash), keep it ttl_s
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+local id, keep = string.match(ARGV[1], "^([^\31]+)\31([^\31]+)$")
+if redis.call('HSETNX', KEYS[1], id, '1') == 0 then
   return -1
 end
+redis.call('PEXPIRE', KEYS[1], keep)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 2, #KEYS do
