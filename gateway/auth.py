@@ -29,7 +29,8 @@ import orjson
 import structlog
 from multidict import CIMultiDictProxy
 
-from gateway.config import Config, ConfigError, TeamConfig, hash_key, parse_team
+from gateway.config import Config, ConfigError, TeamConfig, hash_key
+from gateway.config_parser import parse_team
 from gateway.errors import AuthenticationFailed, ServiceUnavailable
 from gateway.state.base import KeyRecord, Store, StoreUnavailable
 

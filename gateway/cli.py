@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import structlog
 from aiohttp import web
 
-from gateway import config as config_mod
+from gateway import config_parser as config_mod
 from gateway import logging as gw_logging
 from gateway.config import Config, ConfigError
 from gateway.runtime import GATEWAY

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway import config as config_mod
+from gateway import config_parser as config_mod
 from gateway import logging as gw_logging
 from gateway.providers import mock
 from gateway.runtime import GATEWAY, Gateway

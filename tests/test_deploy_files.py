@@ -1,5 +1,6 @@
 """The files users deploy and read stay in step with the code: the full example config, the Helm chart,
-docker-compose, the Dockerfile, and the README's configuration reference against ``gateway/config.py``."""
+docker-compose, the Dockerfile, and the README's configuration reference against
+``gateway/config_parser.py``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import config as config_mod
+from gateway import config_parser as config_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "example.full.yaml"
@@ -25,15 +26,15 @@ ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def known_keys() -> set[str]:
-    """Every key name listed in a ``known(...)`` call of gateway/config.py (what the parser accepts)."""
-    tree = ast.parse((ROOT / "gateway" / "config.py").read_text(encoding="utf-8"))
+    """Every key name in a ``known(...)`` call of gateway/config_parser.py (what the parser accepts)."""
+    tree = ast.parse((ROOT / "gateway" / "config_parser.py").read_text(encoding="utf-8"))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "known":
             for arg in node.args:
                 assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), ast.dump(arg)
                 names.add(arg.value)
-    assert len(names) > 40, "the known(...) calls were not found; has gateway/config.py changed shape?"
+    assert len(names) > 40, "the known(...) calls were not found; has gateway/config_parser.py changed shape?"
     return names
 
 
@@ -109,13 +110,13 @@ def test_check_config_accepts_example_full_with_its_variables_unset() -> None:
     assert "ok (" in result.stdout
 
 
-# --- README configuration reference <-> gateway/config.py --------------------------------------------------
+# --- README configuration reference <-> gateway/config_parser.py ---------------------------------------
 
 
 def test_every_key_in_the_readme_reference_exists_in_the_parser() -> None:
     documented = readme_reference_keys()
     unknown = {name: path for name, path in documented.items() if name not in known_keys()}
-    assert not unknown, f"README documents keys gateway/config.py does not accept: {unknown}"
+    assert not unknown, f"README documents keys gateway/config_parser.py does not accept: {unknown}"
 
 
 def test_every_key_the_parser_accepts_is_in_the_readme_reference() -> None:

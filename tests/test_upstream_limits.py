@@ -150,7 +150,8 @@ async def test_redis_down_falls_back_to_a_local_limit(upstream, make_gateway, pr
 
 
 def test_targets_of_one_upstream_must_agree_on_limits(upstream) -> None:
-    from gateway.config import ConfigError, parse
+    from gateway.config import ConfigError
+    from gateway.config_parser import parse
 
     cfg = base_config("http://127.0.0.1:1/v1")
     cfg["models"] = [

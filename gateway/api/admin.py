@@ -14,7 +14,8 @@ import orjson
 from aiohttp import web
 
 from gateway.auth import Identity
-from gateway.config import Budgets, ConfigError, Limits, hash_key, parse_team
+from gateway.config import Budgets, ConfigError, Limits, hash_key
+from gateway.config_parser import parse_team
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway.runtime import GATEWAY, Gateway
 from gateway.state.base import KeyRecord

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import config as config_mod
-from gateway.config import ConfigError, hash_key, parse
+from gateway import config_parser as config_mod
+from gateway.config import Config, ConfigError, hash_key
+from gateway.config_parser import parse
 from gateway.providers import create
 from gateway.routing import Router
 from tests.conftest import RunningGateway
@@ -36,7 +37,7 @@ def problems_of(raw: Any, env: dict[str, str] | None = None) -> list[str]:
     return info.value.problems
 
 
-def routes(cfg: config_mod.Config) -> dict[str, list[str]]:
+def routes(cfg: Config) -> dict[str, list[str]]:
     """Each model's effective targets as ``provider/model``, as the router will try them."""
     router = Router(cfg, {p.name: create(p) for p in cfg.providers})
     return {name: [t.label for t in route.targets] for name, route in router.routes.items()}
