@@ -226,6 +226,7 @@ class Router:
                 target.breaker.success()
                 return result
         if last is None and limited is not None:
+            metrics.RATE_LIMITED.labels(ctx.team or "none", "upstream").inc()
             raise refused(limited, ctx.model.name)
         if last is None:
             why = (

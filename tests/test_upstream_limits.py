@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import REDIS_URL, TEAM_KEY, RunningGateway, base_config, tenancy_config
 
@@ -60,8 +61,13 @@ async def test_all_targets_limited_is_a_429_with_retry_after(upstream, make_gate
     cfg["redis"] = {"url": REDIS_URL, "prefix": f"t{uuid.uuid4().hex[:12]}"}
     gw = await make_gateway(cfg)
     assert (await chat(gw))[0] == 200
+    before = REGISTRY.get_sample_value(
+        "llm_gateway_rate_limited_total", {"team": "none", "limit": "upstream"}
+    )
     status, headers, body = await chat(gw)
     assert status == 429
+    after = REGISTRY.get_sample_value("llm_gateway_rate_limited_total", {"team": "none", "limit": "upstream"})
+    assert (after or 0) - (before or 0) == 1
     assert body["error"]["code"] == "rate_limit_exceeded"
     assert "requests per minute" in body["error"]["message"]
     assert 1 <= int(headers["Retry-After"]) <= 60
