@@ -374,6 +374,9 @@ def _jwt(r: _Reader) -> JwtConfig | None:
     )
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 def _jwks_url(r: _Reader, url: str) -> None:
     """The JWKS endpoint: an absolute http(s) URL with a host (operator config, never client input)."""
     try:
@@ -386,6 +389,9 @@ def _jwks_url(r: _Reader, url: str) -> None:
         r.problem("jwks_url", "must start with http:// or https://")
     elif not parts.hostname:
         r.problem("jwks_url", "must name a host (http(s)://host/path)")
+    elif parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        # SECURITY: whoever can alter this traffic could publish their own keys and sign any team's tokens.
+        r.problem("jwks_url", "must use https:// (plain http:// only to a loopback address)")
 
 
 def _target_limits_agree(r: _Reader, models: list[ModelConfig]) -> None:

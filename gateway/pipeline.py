@@ -99,6 +99,13 @@ class Limiter:
             decision = await self.store.admit(checks)
         except StoreUnavailable:
             return await self._degraded(checks), True
+        except BaseException:
+            # Cancelled (the client left) while the admission was on its way: it may have run, so its
+            # parallel slots are released (harmless if it did not) instead of being held until stale.
+            releases = [Op("release", c.key, (c.member,)) for c in checks if c.kind == "parallel"]
+            if releases:
+                self.settle(releases, local=False)
+            raise
         self._replay_soon()  # the store answers again: book what the outage left behind
         return decision, False
 
@@ -144,21 +151,25 @@ class Limiter:
             headers=headers,
         )
 
-    def settle(self, ops: list[Op], *, local: bool, request_id: str | None = None) -> None:
+    def settle(
+        self, ops: list[Op], *, local: bool, request_id: str | None = None
+    ) -> asyncio.Task[None] | None:
         """Settle without waiting: the ops leave (ahead of this instance's later admissions) now;
-        if the store turns out unreachable they are kept and replayed when it is back."""
+        if the store turns out unreachable they are kept and replayed when it is back. Only when the
+        store is not connected does this need a task (it connects first), which is returned."""
         if not ops:
-            return
+            return None
         if local:
             self.local.settle_now([o for o in ops if o.kind in ("bucket", "release")])
             # Releases also go to Redis: an admission that timed out may still have taken its slot
             # there, and releasing a slot that was never taken is harmless (ZREM of a non-member).
             ops = [o for o in ops if o.kind != "bucket"]
             if not ops:
-                return
+                return None
         sid = new_settle_id()  # a replay carries the same id: booked at most once
-        if not self.store.settle_soon(ops, functools.partial(self._unsettled, sid), sid):
-            self.spawn(self.settle_ops(ops, sid, request_id))  # connects first
+        if self.store.settle_soon(ops, functools.partial(self._unsettled, sid), sid):
+            return None
+        return self.spawn(self.settle_ops(ops, sid, request_id))  # connects first
 
     def _unsettled(self, settle_id: str, ops: Sequence[Op]) -> None:
         self.backlog.append((settle_id, ops))  # replayed once the store answers again: nothing is lost
@@ -254,11 +265,13 @@ class Pipeline:
             await self.limiter.enforce(ctx)
         return None
 
-    def finish(self, ctx: RequestContext) -> None:
+    def finish(self, ctx: RequestContext) -> asyncio.Task[None] | None:
         """Called exactly once per request that entered ``admit``, before its answer is sent. The
         store settlement is sent without waiting for its reply: a parallel slot is on its way back
         before the client can send its next request, and a disconnected handler never waits. A
-        plugin's own I/O (the cache write) runs in a background task."""
+        plugin's own I/O (the cache write) runs in a background task. Returned: the settlement's task
+        in the rare case it had to wait for a connection while it releases a parallel slot — the
+        caller waits for it before answering, so the client's next request finds the slot free."""
         pending: list[Awaitable[None]] = []
         for plugin in self.plugins:
             try:
@@ -272,11 +285,15 @@ class Pipeline:
         if held is not None and self.upstream is not None:
             # The upstream limits live under another hash tag: a store call of their own.
             self.upstream.give_back(held, ctx.charged_tokens())
+        waiting = None
         if ctx.ops:
             ops, ctx.ops = ctx.ops, []
-            self.limiter.settle(ops, local=ctx.local_admission, request_id=ctx.request_id)
+            task = self.limiter.settle(ops, local=ctx.local_admission, request_id=ctx.request_id)
+            if task is not None and any(o.kind == "release" for o in ops):
+                waiting = task
         if pending:
             self.limiter.spawn(self._run(ctx, pending))
+        return waiting
 
     async def _run(self, ctx: RequestContext, pending: list[Awaitable[None]]) -> None:
         for work in pending:

@@ -171,18 +171,24 @@ class Router:
             previous = target
             ctx.provider, ctx.upstream_model = target.provider.name, target.model
             for n in range(self.settings.retries + 1):
-                if n:
-                    await asyncio.sleep(self.backoff(n - 1, last.retry_after if last else None))
                 held: Held | None = None
-                if target.limits is not None and self.upstream is not None:
-                    try:
+                try:
+                    if n:
+                        await asyncio.sleep(self.backoff(n - 1, last.retry_after if last else None))
+                    if target.limits is not None and self.upstream is not None:
                         held = await self.upstream.take(ctx, target.limits)
-                    except UpstreamLimited as refusal:
-                        # Like an upstream 429, without calling it: the next target is tried.
-                        if limited is None or refusal.retry_after < limited.retry_after:
-                            limited = refusal
-                        _upstream_outcome(target, "gateway_limited")
-                        break
+                except UpstreamLimited as refusal:
+                    # Like an upstream 429, without calling it: the next target is tried. A half-open
+                    # circuit's trial this caller held goes to the next caller (no verdict here).
+                    target.breaker.release()
+                    if limited is None or refusal.retry_after < limited.retry_after:
+                        limited = refusal
+                    _upstream_outcome(target, "gateway_limited")
+                    break
+                except BaseException:
+                    target.breaker.release()  # cancelled, or the store refused: no verdict either
+                    raise
+                if held is not None:
                     ctx.upstream_held = held
                 ctx.attempts += 1
                 try:

@@ -158,8 +158,14 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response.headers["x-request-id"] = rid
     finally:
         in_flight.leave()
-        if request.path.startswith(_LOGGED):
+        settling = (
             _finish(request, rid, status, time.perf_counter() - started)
+            if request.path.startswith(_LOGGED)
+            else None
+        )
+    if settling is not None:
+        # Only when the store was not connected: the slot release had to wait for a connection.
+        await asyncio.shield(settling)
     return response
 
 
@@ -168,7 +174,7 @@ def _clean_id(rid: str) -> str:
     return rid if rid.startswith(_GENERATED) else REDACTOR.clean(rid)
 
 
-def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None:
+def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyncio.Task[None] | None:
     """Settle the request with the plugins, then the one access line and the request metrics."""
     ctx: RequestContext | None = request.get(CONTEXT)
     if ctx is None:
@@ -183,14 +189,14 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None
                 "latency_ms": round(elapsed * 1000, 2),
             }
         )
-        return
+        return None
     if ctx.error is not None and status == 200:
         status = 502  # a stream that failed after it started: count it as the failure it was
     ctx.status = status
     usage = ctx.usage
     if usage is not None and ctx.cost_usd is None and ctx.cache != "hit":
         ctx.cost_usd = cost_usd(ctx.model.pricing, usage)
-    request.app[GATEWAY].pipeline.finish(ctx)
+    settling = request.app[GATEWAY].pipeline.finish(ctx)
     _request_metrics.observe(
         ctx.model.name, ctx.provider or "none", status, ctx.team or "none", elapsed, ctx.ttft
     )
@@ -224,6 +230,7 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> None
             "error": ctx.error,
         }
     )
+    return settling
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

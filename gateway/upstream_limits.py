@@ -38,9 +38,9 @@ _MEMBER_PREFIX = "u" + os.urandom(6).hex()
 class UpstreamLimited(Exception):
     """This target's own limit is reached; try the next one."""
 
-    def __init__(self, label: str, limit: float, retry_after: float) -> None:
+    def __init__(self, label: str, limit: float, retry_after: float, never: bool = False) -> None:
         super().__init__(label)
-        self.label, self.limit, self.retry_after = label, limit, retry_after
+        self.label, self.limit, self.retry_after, self.never = label, limit, retry_after, never
 
 
 @dataclass(slots=True)
@@ -93,15 +93,14 @@ class UpstreamLimits:
 
     async def take(self, ctx: RequestContext, plan: Plan) -> Held:
         """Take every limit of the plan for one attempt, or raise ``UpstreamLimited``."""
-        tokens = 0
-        if plan.tightest_tpm:
-            tokens = ctx.reserved_tokens or reserve_tokens(ctx, plan.tightest_tpm, self.default_max_tokens)
+        # Its own estimate: the team's reservation was capped against the team's tpm, not this one.
+        tokens = reserve_tokens(ctx, plan.tightest_tpm, self.default_max_tokens) if plan.tightest_tpm else 0
         checks = list(self._checks(plan, tokens))
         decision, local = await self.limiter.take(checks)
         failed = decision.failed
         if failed is not None:
-            retry = decision.retry_after if decision.retry_after >= 0 else 60.0
-            raise UpstreamLimited(failed.label, failed.limit, retry)
+            never = decision.retry_after < 0  # more tokens than the whole limit: waiting cannot help
+            raise UpstreamLimited(failed.label, failed.limit, 60.0 if never else decision.retry_after, never)
         return Held(checks, local)
 
     def _checks(self, plan: Plan, tokens: int) -> Iterable[Check]:
@@ -141,6 +140,12 @@ def settle_ops(checks: Sequence[Check], used_tokens: int) -> list[Op]:
 
 
 def refused(limited: UpstreamLimited, model: str) -> RateLimited:
+    if limited.never:
+        return RateLimited(
+            f"this request needs more tokens than the gateway-wide limit of {int(limited.limit)} per "
+            f"minute on the upstreams of model {model!r}; lower max_tokens or the prompt size",
+            retry_after=60,
+        )
     what = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
     return RateLimited(
         f"every upstream of model {model!r} is at its gateway-wide limit "

@@ -354,6 +354,7 @@ def test_neither_jwks_url_nor_public_key_file_is_a_problem() -> None:
         ({"jwks_url": "file:///etc/jwks.json"}, "auth.jwt.jwks_url: must start with http:// or https://"),
         ({"jwks_url": "id.example.com/jwks"}, "auth.jwt.jwks_url: must start with http:// or https://"),
         ({"jwks_url": "https:///jwks"}, "auth.jwt.jwks_url: must name a host"),
+        ({"jwks_url": "http://id.example.com/jwks"}, "auth.jwt.jwks_url: must use https://"),
         ({"jwks_url": "https://id.example.com:99999/jwks"}, "auth.jwt.jwks_url: is not a valid URL"),
         (
             {"jwks_url": "https://id.example.com/jwks", "jwks_refresh_seconds": 0},
@@ -364,7 +365,7 @@ def test_neither_jwks_url_nor_public_key_file_is_a_problem() -> None:
             "auth.jwt.jwks_refresh_seconds: must be float",
         ),
     ],
-    ids=["ftp", "file", "no-scheme", "no-host", "bad-port", "zero-refresh", "not-a-number"],
+    ids=["ftp", "file", "no-scheme", "no-host", "plain-http", "bad-port", "zero-refresh", "not-a-number"],
 )
 def test_bad_jwks_settings_are_problems(settings: dict[str, Any], problem: str) -> None:
     assert any(p.startswith(problem) for p in problems_of(jwt_settings(**settings))), problem

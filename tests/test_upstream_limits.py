@@ -9,8 +9,10 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import REGISTRY
 
+from gateway.context import RequestContext
 from tests.conftest import REDIS_URL, TEAM_KEY, RunningGateway, base_config, tenancy_config
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -114,7 +116,9 @@ async def test_parallel_slot_is_held_for_the_stream_and_then_freed(upstream, mak
 
 
 async def test_failed_attempt_gives_its_slot_and_tokens_back(upstream, make_gateway) -> None:
-    cfg = two_targets(upstream.url, first={"max_parallel": 1, "tpm": 400})
+    # Each attempt reserves ~120 tokens (prompt estimate + max_tokens 100): two fit in 250, three only
+    # if the failed ones were refunded.
+    cfg = two_targets(upstream.url, first={"max_parallel": 1, "tpm": 250})
     cfg["models"][0]["targets"][0]["model"] = "mock-chat:status=500"
     gw = await make_gateway(cfg)
     for _ in range(3):  # each attempt fails upstream and falls back; nothing stays held
@@ -169,3 +173,68 @@ def test_targets_of_one_upstream_must_agree_on_limits(upstream) -> None:
     cfg["models"][1]["targets"][0]["limits"] = {"rpm": 0}
     with pytest.raises(ConfigError, match="must be at least 1"):
         parse(cfg)
+
+
+async def test_a_team_reservation_larger_than_the_upstream_tpm_still_fits(upstream, make_gateway) -> None:
+    # No max_tokens: the team (tpm 100k) reserves its default; the provider's own (tpm 1000) reservation
+    # is capped against the provider's limit, so the request is served, not refused for good.
+    cfg = tenancy_config(upstream.url, limits={"tpm": 100_000})
+    cfg["providers"][0]["limits"] = {"tpm": 1000}
+    gw = await make_gateway(cfg)
+    assert [(await chat(gw))[0] for _ in range(2)] == [200, 200]
+
+
+async def test_a_request_above_the_whole_upstream_tpm_is_told_so(upstream, make_gateway) -> None:
+    cfg = base_config(upstream.url)
+    cfg["providers"][0]["limits"] = {"tpm": 100}
+    cfg["redis"] = {"url": REDIS_URL, "prefix": f"t{uuid.uuid4().hex[:12]}"}
+    gw = await make_gateway(cfg)
+    status, _, body = await chat(gw, max_tokens=500)
+    assert status == 429
+    assert "lower max_tokens" in body["error"]["message"]
+    assert upstream.state.calls("mock-chat") == 0
+
+
+async def test_a_half_open_trial_refused_by_the_limit_does_not_lock_the_target(
+    upstream, make_gateway
+) -> None:
+    cfg = two_targets(upstream.url, first={"rpm": 1})
+    cfg["routing"]["circuit_breaker"] = {"failures": 1, "cooldown_seconds": 0.05}
+    gw = await make_gateway(cfg)
+    target = gw.gateway.router.routes["chat"].targets[0]
+    assert target.breaker.failure()  # the circuit opens
+    await asyncio.sleep(0.1)  # cooldown over: the next caller is the half-open trial
+    await chat(gw)  # primary's only rpm token: taken by the trial, which succeeds and closes the circuit
+    assert target.breaker.failure()
+    await asyncio.sleep(0.1)
+    _, headers, _ = await chat(gw)  # the trial is refused by the empty bucket: backup serves it
+    assert headers["x-gateway-provider"] == "backup"
+    assert not target.breaker.trial  # the trial was handed back: the target is not locked out
+    assert target.breaker.allow()
+
+
+async def test_a_client_leaving_during_the_upstream_admission_frees_its_slot(upstream, make_gateway) -> None:
+    cfg = base_config(upstream.url)
+    cfg["providers"][0]["limits"] = {"max_parallel": 1}
+    cfg["redis"] = {"url": REDIS_URL, "prefix": f"t{uuid.uuid4().hex[:12]}"}
+    gw = await make_gateway(cfg)
+    assert (await chat(gw))[0] == 200  # connects the pipe
+    target = gw.gateway.router.routes["chat"].targets[0]
+    upstream_limits = gw.gateway.router.upstream
+    assert upstream_limits is not None and target.limits is not None
+    ctx = RequestContext("r1", "chat", {"model": "chat", "messages": MESSAGES}, target_model(gw), EMPTY, 50)
+    taking = asyncio.create_task(upstream_limits.take(ctx, target.limits))
+    await asyncio.sleep(0)  # the admission is queued on the pipe ...
+    await asyncio.sleep(0)  # ... and written
+    taking.cancel()  # ... and its caller goes away before the answer
+    with pytest.raises(asyncio.CancelledError):
+        await taking
+    await gw.gateway.pipeline.drain()
+    assert (await chat(gw))[0] == 200  # the slot did not stay taken
+
+
+EMPTY: Any = CIMultiDictProxy(CIMultiDict())
+
+
+def target_model(gw: RunningGateway) -> Any:
+    return gw.gateway.router.routes["chat"].model

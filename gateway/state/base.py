@@ -18,7 +18,7 @@ import orjson
 
 from gateway.config import Budgets, Limits
 
-_SETTLE_PREFIX = os.urandom(6).hex()
+_SETTLE_PREFIX = os.urandom(4).hex()
 _settle_ids = itertools.count(1)
 
 

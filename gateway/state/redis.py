@@ -45,9 +45,15 @@ _KIND = {"bucket": "b", "release": "p", "incr": "i", "usage": "u"}
 
 
 # How long the record of a settlement is kept: a settlement whose reply was lost (the connection dropped
-# after Redis ran it) and is replayed within this time is recognised and not booked twice. Records go
-# into one hash per hash tag and minute (a few bytes per settlement, not a key each).
-SETTLE_RECORD_MS = 300_000
+# after Redis ran it) is replayed as soon as Redis answers again, normally within seconds; one replayed
+# within this time is recognised and not booked twice. Records go into one hash per hash tag and minute
+# (~60-80 bytes per settlement, not a key each): ~10 MB at 1,000 requests/s.
+SETTLE_RECORD_MS = 120_000
+
+
+# Replies meaning "not now" (the call did not run): treated like an unreachable store, so admissions
+# take the fail-open/closed path and settlements wait in the replay backlog instead of being dropped.
+_TRANSIENT = ("LOADING", "BUSY", "READONLY", "OOM", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MISCONF")
 
 
 def _settle_specs(ops: Sequence[Op]) -> list[str]:
@@ -117,6 +123,11 @@ class RedisStore:
         except StoreUnavailable as exc:
             self.outage.failure("script", exc)
             raise
+        if isinstance(reply, ReplyError) and str(reply).startswith(_TRANSIENT):
+            # Loading its data, busy, a replica after a failover...: unavailable for now, not a bad call.
+            busy = StoreUnavailable(str(reply).split(" ", 1)[0])
+            self.outage.failure("script", busy)
+            raise busy
         self.outage.success()
         if isinstance(reply, ReplyError):
             raise StoreScriptError(f"script error: {str(reply)[:200]}")
@@ -143,8 +154,12 @@ class RedisStore:
         # comes from the id, so a replay looks in the same hash as the original.
         sid = settle_id or new_settle_id()
         tag = ops[0].key.split("}", 1)[0] + "}"
-        record = f"{tag}:settled:{sid.rsplit('.', 1)[-1]}"
-        return [record, *[op.key for op in ops]], [f"{sid}\x1f{SETTLE_RECORD_MS}", *_settle_specs(ops)]
+        field, _, minute = sid.rpartition(".")
+        record = f"{tag}:settled:{minute}"
+        return [record, *[op.key for op in ops]], [
+            f"{field or sid}\x1f{SETTLE_RECORD_MS}",
+            *_settle_specs(ops),
+        ]
 
     async def settle(self, ops: Sequence[Op], settle_id: str | None = None) -> None:
         keys, args = self._settle_args(ops, settle_id)
@@ -180,7 +195,10 @@ class RedisStore:
             return
         reply = future.result()
         if isinstance(reply, ReplyError):
-            if str(reply).startswith("NOSCRIPT"):  # Redis restarted: the slow path loads the script
+            if str(reply).startswith(_TRANSIENT):  # did not run: kept for the replay
+                self.outage.failure("script", StoreUnavailable(str(reply)[:40]))
+                failed(ops)
+            elif str(reply).startswith("NOSCRIPT"):  # Redis restarted: the slow path loads the script
                 task = asyncio.get_running_loop().create_task(self._settle_again(ops, failed, settle_id))
                 self._retrying.add(task)
                 task.add_done_callback(self._retrying.discard)

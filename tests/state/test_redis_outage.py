@@ -287,3 +287,35 @@ async def test_a_settlement_whose_reply_is_lost_is_booked_once(
         assert total["requests"] == 3  # not 4: the replay was recognised
     finally:
         await proxy.stop()
+
+
+async def test_a_redis_that_is_loading_counts_as_unavailable_and_loses_nothing() -> None:
+    # A Redis restarting with persistence answers -LOADING for a while: nothing ran, so admissions take
+    # the fail-open/closed path and settlements wait for the replay instead of being dropped.
+    import hiredis
+
+    from gateway.state.base import Check, Op, StoreScriptError, StoreUnavailable
+    from gateway.state.redis import RedisStore
+
+    async def loading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        commands = hiredis.Reader()
+        while data := await reader.read(65536):
+            commands.feed(data)
+            while commands.gets() is not False:
+                writer.write(b"-LOADING Redis is loading the dataset in memory\r\n")
+
+    server = await asyncio.start_server(loading, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", "t", timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            await store.admit([Check("budget", "t:{team}:usd", 5.0, "budget")])
+        assert not isinstance(raised.value, StoreScriptError)  # "unavailable", not "a bad call"
+        failed: list[object] = []
+        ops = [Op("incr", "t:{team}:usd", (1.0, 60))]
+        assert store.settle_soon(ops, failed.append, "id-1")
+        await store.settled()
+        assert failed == [ops]  # handed back for the replay, not dropped
+    finally:
+        await store.close()
+        server.close()
