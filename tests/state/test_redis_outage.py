@@ -232,6 +232,8 @@ class ReplyDropper:
         self.armed = False
         self.dropped = 0
         self.server: asyncio.AbstractServer | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: set[asyncio.Task[Any]] = set()
 
     @property
     def url(self) -> str:
@@ -242,29 +244,41 @@ class ReplyDropper:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
         redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers += [client_w, redis_w]
 
         async def up() -> None:
             while data := await client_r.read(65536):
                 redis_w.write(data)
-            redis_w.close()
 
         async def down() -> None:
             while data := await redis_r.read(65536):
                 if self.armed and data.startswith(b":"):
                     self.armed = False
                     self.dropped += 1
-                    client_w.transport.abort()
-                    redis_w.close()
-                    return
+                    return  # the reply is never delivered; both connections are cut below
                 client_w.write(data)
-            client_w.close()
 
-        await asyncio.gather(up(), down(), return_exceptions=True)
+        try:
+            await asyncio.wait(
+                [asyncio.ensure_future(up()), asyncio.ensure_future(down())],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            client_w.transport.abort()
+            redis_w.transport.abort()
+            self.handlers.discard(task)
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        while self.handlers:
+            await asyncio.sleep(0.01)
 
 
 async def test_a_settlement_whose_reply_is_lost_is_booked_once(
@@ -297,12 +311,23 @@ async def test_a_redis_that_is_loading_counts_as_unavailable_and_loses_nothing()
     from gateway.state.base import Check, Op, StoreScriptError, StoreUnavailable
     from gateway.state.redis import RedisStore
 
+    open_writers: list[asyncio.StreamWriter] = []
+    handlers: set[asyncio.Task[Any]] = set()
+
     async def loading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        open_writers.append(writer)
         commands = hiredis.Reader()
-        while data := await reader.read(65536):
-            commands.feed(data)
-            while commands.gets() is not False:
-                writer.write(b"-LOADING Redis is loading the dataset in memory\r\n")
+        try:
+            while data := await reader.read(65536):
+                commands.feed(data)
+                while commands.gets() is not False:
+                    writer.write(b"-LOADING Redis is loading the dataset in memory\r\n")
+        finally:
+            writer.transport.abort()
+            handlers.discard(task)
 
     server = await asyncio.start_server(loading, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -319,3 +344,7 @@ async def test_a_redis_that_is_loading_counts_as_unavailable_and_loses_nothing()
     finally:
         await store.close()
         server.close()
+        for writer in open_writers:
+            writer.transport.abort()
+        while handlers:
+            await asyncio.sleep(0.01)
