@@ -169,7 +169,7 @@ class Limiter:
         sid = new_settle_id()  # a replay carries the same id: booked at most once
         if self.store.settle_soon(ops, functools.partial(self._unsettled, sid), sid):
             return None
-        return self.spawn(self.settle_ops(ops, sid, request_id))  # connects first
+        return self.spawn(self.settle_waiting(ops, sid, request_id))  # connects first
 
     def _unsettled(self, settle_id: str, ops: Sequence[Op]) -> None:
         self.backlog.append((settle_id, ops))  # replayed once the store answers again: nothing is lost
@@ -180,7 +180,7 @@ class Limiter:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def settle_ops(self, ops: list[Op], settle_id: str, request_id: str | None = None) -> None:
+    async def settle_waiting(self, ops: list[Op], settle_id: str, request_id: str | None = None) -> None:
         """The waiting form of ``settle`` (the store is not connected right now)."""
         try:
             await self.store.settle(ops, settle_id)

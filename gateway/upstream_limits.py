@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 # A parallel slot left behind by a crashed instance is forgotten after the longest possible request.
 _STALE_MARGIN_S = 60
-# SECURITY: slots are keyed by ids the gateway makes (as the team limits' are), never by a client's.
-_MEMBER_PREFIX = "u" + os.urandom(6).hex()
 
 
 class UpstreamLimited(Exception):
@@ -64,6 +62,9 @@ class UpstreamLimits:
         self.limiter = limiter
         self.prefix = prefix
         self.default_max_tokens = config.rate_limiting.default_max_tokens
+        # SECURITY: slots are keyed by ids the gateway makes (as the team limits' are), never by a
+        # client's; random per instance, so two gateways never share one.
+        self._member_prefix = "u" + os.urandom(6).hex()
         self._slots = 0
         self._target_limits: dict[tuple[str, str], Limits] = {}
         for model in config.models:
@@ -116,18 +117,19 @@ class UpstreamLimits:
                     f"{key}:par",
                     limits.max_parallel,
                     "parallel",
-                    member=f"{_MEMBER_PREFIX}{self._slots:x}",
+                    member=f"{self._member_prefix}{self._slots:x}",
                     stale_ms=self.stale_ms,
                 )
 
     def give_back(self, held: Held, used_tokens: int) -> None:
         """Reconcile an attempt's tokens with ``used_tokens`` and free its slot (in the background)."""
-        ops = settle_ops(held.checks, used_tokens)
+        ops = reconcile(held.checks, used_tokens)
         if ops:
             self.limiter.settle(ops, local=held.local)
 
 
-def settle_ops(checks: Sequence[Check], used_tokens: int) -> list[Op]:
+def reconcile(checks: Sequence[Check], used_tokens: int) -> list[Op]:
+    """The steps that settle an attempt: its tokens against `used_tokens`, its parallel slots freed."""
     ops: list[Op] = []
     for check in checks:
         if check.label == "tpm":
