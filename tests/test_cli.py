@@ -399,3 +399,34 @@ async def test_workers_share_the_port_and_report_one_set_of_metrics(
         )
         assert total == 20
     assert await served.stop() == 0
+
+
+async def test_two_gateway_processes_on_one_redis_admit_exactly_the_rpm(
+    serve: Callable[..., Awaitable[Served]], tmp_path: Path
+) -> None:
+    # The acceptance case as written: two separate processes, one Redis, 60 concurrent requests, rpm 20.
+    import uuid
+
+    from tests.conftest import REDIS_URL
+
+    team_key = "team-cli-key-0123456789"
+    cfg = {
+        "redis": {"url": REDIS_URL, "prefix": f"cli{uuid.uuid4().hex[:10]}"},
+        "providers": [{"name": "mock", "type": "mock"}],
+        "models": [{"name": "chat", "targets": [{"provider": "mock", "model": "mock-chat"}]}],
+        "teams": [{"id": "team-a", "api_keys": [team_key], "limits": {"rpm": 20}}],
+        "plugins": ["auth", "rate_limit"],
+    }
+    path = write_config(tmp_path, cfg)
+    a, b = await serve("--config", str(path)), await serve("--config", str(path))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+
+        async def call(url: str) -> int:
+            headers = {"Authorization": f"Bearer {team_key}"}
+            async with session.post(url + "/chat/completions", json=body, headers=headers) as r:
+                await r.read()
+                return r.status
+
+        statuses = await asyncio.gather(*(call(a.url if i % 2 else b.url) for i in range(60)))
+    assert (statuses.count(200), statuses.count(429)) == (20, 40)
