@@ -289,7 +289,8 @@ class Pipeline:
         if ctx.ops:
             ops, ctx.ops = ctx.ops, []
             task = self.limiter.settle(ops, local=ctx.local_admission, request_id=ctx.request_id)
-            if task is not None and any(o.kind == "release" for o in ops):
+            # (After a local admission the slot is already free here; the Redis release is a precaution.)
+            if task is not None and not ctx.local_admission and any(o.kind == "release" for o in ops):
                 waiting = task
         if pending:
             self.limiter.spawn(self._run(ctx, pending))

@@ -166,6 +166,7 @@ class Router:
         for target in route.targets:
             if not target.breaker.allow():
                 continue
+            trial = target.breaker.trial  # this caller is the half-open circuit's one trial
             if previous is not None:
                 metrics.FALLBACKS.labels(ctx.model.name, previous.provider.name, target.provider.name).inc()
             previous = target
@@ -180,13 +181,15 @@ class Router:
                 except UpstreamLimited as refusal:
                     # Like an upstream 429, without calling it: the next target is tried. A half-open
                     # circuit's trial this caller held goes to the next caller (no verdict here).
-                    target.breaker.release()
+                    if trial:
+                        target.breaker.release()
                     if limited is None or refusal.retry_after < limited.retry_after:
                         limited = refusal
                     _upstream_outcome(target, "gateway_limited")
                     break
                 except BaseException:
-                    target.breaker.release()  # cancelled, or the store refused: no verdict either
+                    if trial:  # cancelled, or the store refused: no verdict either
+                        target.breaker.release()
                     raise
                 if held is not None:
                     ctx.upstream_held = held
@@ -223,7 +226,8 @@ class Router:
                     self.observe(target.provider.name, True, None)
                     raise
                 except BaseException:
-                    target.breaker.release()
+                    if trial:
+                        target.breaker.release()
                     raise
                 _upstream_outcome(target, "success")
                 self.observe(target.provider.name, True, None)

@@ -238,3 +238,22 @@ EMPTY: Any = CIMultiDictProxy(CIMultiDict())
 
 def target_model(gw: RunningGateway) -> Any:
     return gw.gateway.router.routes["chat"].model
+
+
+async def test_a_caller_that_is_not_the_trial_never_ends_someone_elses(upstream, make_gateway) -> None:
+    cfg = two_targets(upstream.url, first={"rpm": 100})
+    cfg["models"][0]["targets"][0]["model"] = "mock-chat:first_byte_delay=1"
+    cfg["routing"]["circuit_breaker"] = {"failures": 1, "cooldown_seconds": 0.05}
+    gw = await make_gateway(cfg)
+    breaker = gw.gateway.router.routes["chat"].targets[0].breaker
+    request = asyncio.create_task(chat(gw))  # A: let in while the circuit is closed, now waiting
+    await asyncio.sleep(0.2)
+    breaker.failure()  # meanwhile the circuit opens ...
+    await asyncio.sleep(0.1)
+    assert breaker.allow()  # ... and after the cooldown B becomes the one half-open trial
+    request.cancel()  # A's client goes away
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await asyncio.sleep(0.2)  # the gateway has seen the disconnect and cancelled A's handler
+    assert breaker.trial  # B's trial is still B's: no second trial can start
+    assert not breaker.allow()

@@ -47,8 +47,8 @@ _KIND = {"bucket": "b", "release": "p", "incr": "i", "usage": "u"}
 # How long the record of a settlement is kept: a settlement whose reply was lost (the connection dropped
 # after Redis ran it) is replayed as soon as Redis answers again, normally within seconds; one replayed
 # within this time is recognised and not booked twice. Records go into one hash per hash tag and minute
-# (~60-80 bytes per settlement, not a key each): ~10 MB at 1,000 requests/s.
-SETTLE_RECORD_MS = 120_000
+# (~60-80 bytes per settlement, not a key each): ~25 MB at 1,000 requests/s.
+SETTLE_RECORD_MS = 300_000
 
 
 # Replies meaning "not now" (the call did not run): treated like an unreachable store, so admissions
@@ -127,6 +127,8 @@ class RedisStore:
             # Loading its data, busy, a replica after a failover...: unavailable for now, not a bad call.
             busy = StoreUnavailable(str(reply).split(" ", 1)[0])
             self.outage.failure("script", busy)
+            if str(reply).startswith("READONLY"):
+                self.pipe.reset("connected to a read-only replica")  # after a failover: reconnect
             raise busy
         self.outage.success()
         if isinstance(reply, ReplyError):
@@ -197,6 +199,8 @@ class RedisStore:
         if isinstance(reply, ReplyError):
             if str(reply).startswith(_TRANSIENT):  # did not run: kept for the replay
                 self.outage.failure("script", StoreUnavailable(str(reply)[:40]))
+                if str(reply).startswith("READONLY"):
+                    self.pipe.reset("connected to a read-only replica")
                 failed(ops)
             elif str(reply).startswith("NOSCRIPT"):  # Redis restarted: the slow path loads the script
                 task = asyncio.get_running_loop().create_task(self._settle_again(ops, failed, settle_id))

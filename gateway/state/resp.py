@@ -119,10 +119,7 @@ class RespPipe:
             return
         loop = asyncio.get_running_loop()
         if loop.time() - self.waiting[0][1] >= self.timeout:
-            transport = self._transport
-            self.lost("timed out")
-            if transport is not None:
-                transport.abort()  # its late replies must never reach the next connection's callers
+            self.reset("timed out")  # its late replies must never reach the next connection's callers
             return
         self._watching = True
         loop.call_later(self.timeout, self._watch)
@@ -172,6 +169,14 @@ class RespPipe:
             if transport is not None:
                 transport.abort()
             raise exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(type(exc).__name__) from None
+
+    def reset(self, reason: str) -> None:
+        """Drop the connection on purpose (e.g. it reached a read-only replica after a failover);
+        waiting calls fail now, the next call connects again."""
+        transport = self._transport
+        self.lost(reason)
+        if transport is not None:
+            transport.abort()
 
     def lost(self, reason: str) -> None:
         self._ready = False

@@ -303,9 +303,12 @@ async def test_a_settlement_whose_reply_is_lost_is_booked_once(
         await proxy.stop()
 
 
-async def test_a_redis_that_is_loading_counts_as_unavailable_and_loses_nothing() -> None:
-    # A Redis restarting with persistence answers -LOADING for a while: nothing ran, so admissions take
-    # the fail-open/closed path and settlements wait for the replay instead of being dropped.
+@pytest.mark.parametrize("error", ["LOADING Redis is loading the dataset in memory", "READONLY replica"])
+async def test_a_redis_that_is_not_ready_counts_as_unavailable_and_loses_nothing(error: str) -> None:
+    # A Redis restarting with persistence answers -LOADING for a while, a replica after a failover
+    # -READONLY: nothing ran, so admissions take the fail-open/closed path and settlements wait for the
+    # replay instead of being dropped. After READONLY the gateway reconnects (the name may now lead to
+    # the new primary); after LOADING it keeps its connection.
     import hiredis
 
     from gateway.state.base import Check, Op, StoreScriptError, StoreUnavailable
@@ -324,7 +327,7 @@ async def test_a_redis_that_is_loading_counts_as_unavailable_and_loses_nothing()
             while data := await reader.read(65536):
                 commands.feed(data)
                 while commands.gets() is not False:
-                    writer.write(b"-LOADING Redis is loading the dataset in memory\r\n")
+                    writer.write(b"-" + error.encode() + b"\r\n")
         finally:
             writer.transport.abort()
             handlers.discard(task)
@@ -338,9 +341,16 @@ async def test_a_redis_that_is_loading_counts_as_unavailable_and_loses_nothing()
         assert not isinstance(raised.value, StoreScriptError)  # "unavailable", not "a bad call"
         failed: list[object] = []
         ops = [Op("incr", "t:{team}:usd", (1.0, 60))]
-        assert store.settle_soon(ops, failed.append, "id-1")
+        sent = store.settle_soon(ops, failed.append, "id-1")
         await store.settled()
-        assert failed == [ops]  # handed back for the replay, not dropped
+        if error.startswith("READONLY"):
+            assert not sent  # the connection was dropped: the waiting path reconnects first
+            with pytest.raises(StoreUnavailable):
+                await store.admit([Check("budget", "t:{team}:usd", 5.0, "budget")])
+            assert len(open_writers) == 2  # a new connection
+        else:
+            assert sent and failed == [ops]  # handed back for the replay, not dropped
+            assert len(open_writers) == 1
     finally:
         await store.close()
         server.close()
