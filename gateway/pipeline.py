@@ -154,7 +154,7 @@ class Limiter:
     def settle(
         self, ops: list[Op], *, local: bool, request_id: str | None = None
     ) -> asyncio.Task[None] | None:
-        """Settle without waiting: the ops leave (ahead of this instance's later admissions) now;
+        """Settle without waiting: the ops are queued now, ahead of this instance's later admissions;
         if the store turns out unreachable they are kept and replayed when it is back. Only when the
         store is not connected does this need a task (it connects first), which is returned."""
         if not ops:
@@ -267,8 +267,8 @@ class Pipeline:
 
     def finish(self, ctx: RequestContext) -> asyncio.Task[None] | None:
         """Called exactly once per request that entered ``admit``, before its answer is sent. The
-        store settlement is sent without waiting for its reply: a parallel slot is on its way back
-        before the client can send its next request, and a disconnected handler never waits. A
+        store settlement is queued without waiting for its reply (it leaves on the next loop turn, ahead
+        of any later admission of this instance), and a disconnected handler never waits. A
         plugin's own I/O (the cache write) runs in a background task. Returned: the settlement's task
         in the rare case it had to wait for a connection while it releases a parallel slot — the
         caller waits for it before answering, so the client's next request finds the slot free."""
