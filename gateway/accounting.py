@@ -62,6 +62,12 @@ def windows(now: dt.datetime | None = None) -> tuple[str, str, float, float]:
     return _windows(now)
 
 
+def window_ends_ms() -> tuple[int, int]:
+    """When the current UTC day and month end, in Unix time (ms)."""
+    windows()  # brings the cached calendar up to date
+    return round(_current[3] * 1000), round(_current[4] * 1000)
+
+
 def _windows(now: dt.datetime) -> tuple[str, str, float, float]:
     day_end = dt.datetime(now.year, now.month, now.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
     month_end = dt.datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=dt.UTC)

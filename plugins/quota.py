@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from aiohttp import web
 
-from gateway.accounting import windows
+from gateway.accounting import window_ends_ms, windows
 from gateway.config import TeamConfig
 from gateway.context import RequestContext
 from gateway.pipeline import Services
@@ -36,6 +36,7 @@ class _Plan:
     key: KeyRecord | None
     day: str
     budgets: tuple[tuple[str, str, float, bool], ...]  # (counter key, "d"/"m", limit, counts USD)
+    checks: tuple[Check, ...]  # the admission checks of those budgets: the same for a whole day
     usage_key: str
 
 
@@ -73,7 +74,9 @@ class QuotaPlugin:
             ):
                 if limit is not None:
                     budgets.append((f"{scope}:{window}", window[4], float(limit), usd))
-        plan = _Plan(team, key, day, tuple(budgets), usage_key(self.prefix, team.id, day))
+        ends = dict(zip("dm", window_ends_ms(), strict=True))
+        checks = tuple(Check("budget", k, limit, "budget", ends_ms=ends[w]) for k, w, limit, _ in budgets)
+        plan = _Plan(team, key, day, tuple(budgets), checks, usage_key(self.prefix, team.id, day))
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
         self._plans[cache_key] = plan
@@ -81,12 +84,8 @@ class QuotaPlugin:
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
         plan = self._plan(ctx)
-        if plan is None or not plan.budgets:
-            return None
-        _, _, day_left, month_left = windows()
-        stale = {"d": int(day_left * 1000), "m": int(month_left * 1000)}
-        for key, window, limit, _ in plan.budgets:
-            ctx.checks.append(Check("budget", key, limit, "budget", stale_ms=stale[window]))
+        if plan is not None:
+            ctx.checks.extend(plan.checks)
         return None
 
     def finish(self, ctx: RequestContext) -> None:

@@ -43,8 +43,9 @@ class Check:
 
     kind "bucket": token bucket of ``limit`` tokens refilled at ``rate`` per second; takes ``cost``.
     kind "parallel": at most ``limit`` concurrent members; adds ``member`` (forgotten after ``stale_ms``).
-    kind "budget": denied once the counter at ``key`` has reached ``limit``; ``stale_ms`` is the time
-    to the window's end (the Retry-After of a refusal).
+    kind "budget": denied once the counter at ``key`` has reached ``limit``; ``ends_ms`` is when the
+    window ends (Unix time in ms): a refusal's Retry-After is the time left until then. A fixed
+    instant, not a duration, so a plan's budget checks are built once per window, not per request.
     """
 
     kind: str
@@ -55,6 +56,7 @@ class Check:
     cost: float = 0.0
     member: str = ""
     stale_ms: int = 0
+    ends_ms: int = 0
 
 
 @dataclass(slots=True)

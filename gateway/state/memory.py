@@ -54,7 +54,7 @@ class MemoryStore:
                 used = self._counter(c.key, wall)
                 levels.append(used)
                 if used >= c.limit and failed is None:
-                    failed, retry = c, c.stale_ms / 1000
+                    failed, retry = c, max(0.0, c.ends_ms / 1000 - wall)
                 remaining.append((max(0.0, c.limit - used), 0.0))
         if failed is None:
             for c, level in zip(checks, levels, strict=True):

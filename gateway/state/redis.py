@@ -11,6 +11,7 @@ CPU per request, the pipe a few µs. Everything off the hot path uses redis-py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -56,9 +57,32 @@ SETTLE_RECORD_MS = 300_000
 _TRANSIENT = ("LOADING", "BUSY", "READONLY", "OOM", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MISCONF")
 
 
-def _settle_specs(ops: Sequence[Op]) -> list[str]:
-    # One argument per op (fields joined by \x1f): encoding costs per argument, not per byte.
-    return ["\x1f".join([_KIND[op.kind], *map(str, op.values)]) for op in ops]
+# Script arguments: one string per check or op (fields joined by \x1f), since encoding costs per
+# argument, not per byte. What repeats from request to request — a limit with its refill rate, a
+# budget — is formatted once: a float's repr costs more than all the rest of the encoding.
+@functools.lru_cache(maxsize=4096)
+def _bucket_prefix(limit: float, rate: float) -> str:
+    return f"b\x1f{limit!r}\x1f{rate!r}\x1f"
+
+
+@functools.lru_cache(maxsize=4096)
+def _budget_spec(limit: float, ends_ms: int) -> str:
+    return f"q\x1f{limit!r}\x1f-\x1f{ends_ms}"
+
+
+def _check_spec(c: Check) -> str:
+    if c.kind == "bucket":
+        return _bucket_prefix(c.limit, c.rate) + repr(c.cost)
+    if c.kind == "parallel":
+        return f"p\x1f{c.limit!r}\x1f{c.member}\x1f{c.stale_ms}"
+    return _budget_spec(c.limit, c.ends_ms)
+
+
+def _op_spec(op: Op) -> str:
+    values = op.values
+    if op.kind == "bucket":
+        return _bucket_prefix(values[0], values[1]) + repr(values[2])
+    return "\x1f".join([_KIND[op.kind], *map(str, values)])
 
 
 class _Script:
@@ -136,16 +160,7 @@ class RedisStore:
         return reply
 
     async def admit(self, checks: Sequence[Check]) -> Decision:
-        # One argument per check (fields joined by \x1f): encoding costs per argument, not per byte.
-        specs = [
-            f"b\x1f{c.limit!r}\x1f{c.rate!r}\x1f{c.cost!r}"
-            if c.kind == "bucket"
-            else f"p\x1f{c.limit!r}\x1f{c.member}\x1f{c.stale_ms}"
-            if c.kind == "parallel"
-            else f"q\x1f{c.limit!r}\x1f-\x1f{c.stale_ms}"
-            for c in checks
-        ]
-        out = await self._script(ADMIT, [c.key for c in checks], specs)
+        out = await self._script(ADMIT, [c.key for c in checks], [_check_spec(c) for c in checks])
         failed_index, retry_ms = int(out[0]), int(out[1])
         remaining = [(float(out[i]), float(out[i + 1]) / 1000) for i in range(2, len(out), 2)]
         failed = checks[failed_index - 1] if failed_index else None
@@ -160,7 +175,7 @@ class RedisStore:
         record = f"{tag}:settled:{minute}"
         return [record, *[op.key for op in ops]], [
             f"{field or sid}\x1f{SETTLE_RECORD_MS}",
-            *_settle_specs(ops),
+            *map(_op_spec, ops),
         ]
 
     async def settle(self, ops: Sequence[Op], settle_id: str | None = None) -> None:

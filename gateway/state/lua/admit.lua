@@ -1,10 +1,11 @@
 -- Check and take every limit of one request atomically: all pass and are taken, or none is.
 -- KEYS[i]: the key of check i (all share one {team} hash tag, so this runs on Redis Cluster).
 -- ARGV[i]: check i as one string of 4 fields separated by \31 (one argument per check keeps the
--- gateway's encoding cheap): kind, limit, rate_or_member, cost_or_stale_ms
+-- gateway's encoding cheap): kind, limit, rate_or_member, cost_or_stale_ms_or_ends_ms
 --   kind "b" token bucket: limit = capacity, rate = refill per second, cost = tokens to take
 --   kind "p" parallel:     limit = max members, member = request id, stale_ms = forget after
---   kind "q" budget:       limit = ceiling; denied when the counter has reached it
+--   kind "q" budget:       limit = ceiling; denied when the counter has reached it; ends_ms = the
+--                          window's end (Unix ms), so a refusal retries after ends_ms - now
 -- Returns {failed_index (0 = admitted), retry_after_ms, remaining_1, reset_ms_1, ...}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -49,7 +50,7 @@ for i = 1, n do
     local used = tonumber(redis.call('GET', KEYS[i]) or '0')
     if used >= limit and out[1] == 0 then
       out[1] = i
-      out[2] = tonumber(spec[i][4]) -- seconds to the window's end, in ms
+      out[2] = math.max(0, tonumber(spec[i][4]) - now) -- until the window's end
     end
     out[#out + 1] = math.floor(math.max(0, limit - used))
     out[#out + 1] = 0
