@@ -18,7 +18,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import PROVIDER_KEY, RunningGateway, Upstream, base_config
+from tests.conftest import (
+    PROVIDER_KEY,
+    TEAM_B_KEY,
+    TEAM_KEY,
+    RunningGateway,
+    Upstream,
+    base_config,
+    tenancy_config,
+)
 
 MakeGateway = Callable[[dict[str, Any]], Awaitable[RunningGateway]]
 AiohttpServer = Callable[..., Awaitable[TestServer]]
@@ -304,6 +312,23 @@ async def test_unknown_request_fields_reach_the_upstream_untouched(
     record = upstream.state.requests[-1]
     assert record.model == "mock-chat"
     assert record.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"  # not the client's key
+
+
+async def test_a_cookie_set_by_the_upstream_never_reaches_another_teams_request(
+    upstream: Upstream, make_gateway: Callable[..., Awaitable[RunningGateway]]
+) -> None:
+    # Real providers sit behind CDNs that set cookies; the upstream session is shared by every team.
+    cfg = tenancy_config(upstream.url.replace("127.0.0.1", "localhost"), redis=False)  # IP hosts get none
+    cfg["models"][0]["targets"][0]["model"] = "mock-chat:set_cookie"
+    gw = await make_gateway(cfg)
+    for key in (TEAM_KEY, TEAM_B_KEY):
+        reply = await gw.client(api_key=key).chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content
+    first, second = upstream.state.requests
+    assert "Cookie" not in first.headers
+    assert "Cookie" not in second.headers  # team B's request carries nothing team A's answer set
 
 
 # -------------------------------------------------------------------- 5. comments before data

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import aiohttp
+import yarl
 
 from gateway.config import ProviderConfig
 
@@ -29,6 +30,7 @@ class Provider:
         self.base_url = (base_url or config.base_url).rstrip("/")
         self.timeouts = config.timeouts
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}  # parsed once per path, not per request
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
@@ -63,6 +65,9 @@ class Provider:
             skip_auto_headers=("User-Agent",),
             # SECURITY: the process environment (HTTP_PROXY, .netrc) never changes where calls go.
             trust_env=False,
+            # SECURITY: one session serves every team: a cookie an upstream (or the CDN in front of
+            # it) sets while answering one team must not ride along on another team's requests.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
@@ -74,8 +79,11 @@ class Provider:
         headers = self.headers
         if stream:
             headers = {**headers, "Accept": "text/event-stream"}
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = yarl.URL(self.url(path))
         # SECURITY: redirects are never followed — a 3xx is returned as an upstream failure.
-        return await self.session.post(self.url(path), data=body, headers=headers, allow_redirects=False)
+        return await self.session.post(url, data=body, headers=headers, allow_redirects=False)
 
     async def get(self, path: str) -> aiohttp.ClientResponse:
         return await self.session.get(self.url(path), headers=self.headers, allow_redirects=False)

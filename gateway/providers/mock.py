@@ -19,6 +19,7 @@ Options:
   reasoning           DeepSeek-style ``reasoning_content`` in the answer
   cost=X              report ``usage.cost`` (OpenRouter style)
   blank_lines=N       DeepSeek-style blank lines before a non-stream body
+  set_cookie          answer with a ``Set-Cookie`` header (as CDNs in front of real providers do)
 """
 
 from __future__ import annotations
@@ -174,7 +175,10 @@ async def _respond(
         payload = orjson.dumps(_completion(model, text, prompt_tokens, opts))
         blank = int(opts.get("blank_lines", 0))
         if not blank:
-            return web.Response(body=payload, content_type="application/json")
+            response = web.Response(body=payload, content_type="application/json")
+            if opts.get("set_cookie"):
+                response.set_cookie("upstream_session", "from-an-earlier-request", path="/")
+            return response
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
         for _ in range(blank):
