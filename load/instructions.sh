@@ -35,7 +35,9 @@ url="http://127.0.0.1:$PORT/v1/chat/completions"
 
 for config in "${configs[@]}"; do
   out="$work/callgrind.out"
-  if [ "$config" = bare ]; then
+  if [ "$config" = floor ]; then
+    server=("$PY" load/floor_proxy.py --port "$PORT" --upstream "http://127.0.0.1:$MOCK_PORT")
+  elif [ "$config" = bare ]; then
     server=("$PY" load/bare_proxy.py --port "$PORT" --upstream "http://127.0.0.1:$MOCK_PORT")
   else
     server=("$PY" -m gateway serve --config "$config" --port "$PORT")
