@@ -156,6 +156,8 @@ class RedisConfig:
     # budgets fail closed (503) unless these say otherwise.
     fail_open_limits: bool = True
     fail_open_budgets: bool = False
+    # Redis Cluster: url names any node; commands go to the master of their key's slot.
+    cluster: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -470,7 +470,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
 
     redis = None
     rc = root.child("redis")
-    rc.known("url", "prefix", "timeout_seconds", "fail_open_limits", "fail_open_budgets")
+    rc.known("url", "prefix", "timeout_seconds", "fail_open_limits", "fail_open_budgets", "cluster")
     if rc.get("url", str, ""):
         redis = RedisConfig(
             url=rc.get("url", str, ""),
@@ -478,9 +478,14 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
             timeout_seconds=rc.get("timeout_seconds", float, 0.5),
             fail_open_limits=rc.get("fail_open_limits", bool, True),
             fail_open_budgets=rc.get("fail_open_budgets", bool, False),
+            cluster=rc.get("cluster", bool, False),
         )
         if not redis.url.startswith(("redis://", "rediss://", "unix://")):
             rc.problem("url", "must start with redis://, rediss:// or unix://")
+        elif redis.cluster and redis.url.startswith("unix://"):
+            rc.problem("url", "a Redis Cluster is reached over TCP: use redis:// or rediss://")
+        elif redis.cluster and urlsplit(redis.url).path.strip("/") not in ("", "0"):
+            rc.problem("url", "a Redis Cluster has only database 0")
 
     c = root.child("cache")
     c.known(

@@ -265,7 +265,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def build_store(config: Config) -> Store:
     if config.redis is None:
         return MemoryStore()
-    return RedisStore(config.redis.url, config.redis.prefix, timeout=config.redis.timeout_seconds)
+    redis = config.redis
+    return RedisStore(redis.url, redis.prefix, timeout=redis.timeout_seconds, cluster=redis.cluster)
 
 
 def build_app(config: Config, store: Store | None = None) -> web.Application:

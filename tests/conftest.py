@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -76,6 +77,16 @@ class RunningGateway:
         client = openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, **kw)
         self.clients.append(client)
         return client
+
+    async def http(self, method: str, path: str, key: str | None = None, body: Any = None) -> tuple[int, Any]:
+        """One plain HTTP call (admin and usage APIs): the status and the parsed JSON body."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, self.root + path, headers=headers, json=body) as resp,
+        ):
+            raw = await resp.read()
+            return resp.status, orjson.loads(raw) if raw else None
 
     async def close(self) -> None:
         for client in self.clients:

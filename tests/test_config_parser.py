@@ -162,6 +162,8 @@ def test_every_problem_is_reported_at_once_with_its_dotted_path() -> None:
         (minimal(routing={"retries": 1.5}), "routing.retries: must be int, got float"),
         (minimal(routing={"retries": "2x"}), "routing.retries: must be int, got str"),
         (minimal(plugins="auth"), "plugins: must be a list of strings"),
+        (minimal(redis={"url": "unix:///run/redis.sock", "cluster": True}), "redis.url: a Redis Cluster is"),
+        (minimal(redis={"url": "redis://r:6379/2", "cluster": True}), "redis.url: a Redis Cluster has only"),
         (
             minimal(auth={"jwt": {"algorithms": ["none"], "audience": "a", "issuer": "i"}}),
             "auth.jwt.algorithms",

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from gateway.state.base import StoreUnavailable
@@ -83,7 +84,7 @@ class MemoryCache:
 
 
 class RedisCache:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
         self.client = client
 
     async def get(self, key: str) -> bytes | None:

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -38,6 +39,7 @@ from gateway.state.base import (
     key_to_json,
     new_settle_id,
 )
+from gateway.state.cluster import ClusterPipe
 from gateway.state.resp import ReplyError, RespPipe
 
 log = structlog.get_logger("gateway.state")
@@ -120,30 +122,40 @@ class OutageLog:
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str = "llmgw", *, timeout: float = 0.5) -> None:
+    def __init__(
+        self, url: str, prefix: str = "llmgw", *, timeout: float = 0.5, cluster: bool = False
+    ) -> None:
         self.prefix = prefix
-        self.client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=64,
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "max_connections": 64,
             # A pooled connection that died with a restarted Redis is retried once, at once, on a new
             # one (else every idle connection fails one request after Redis is back). Timeouts are not
             # retried: a hung Redis must fail fast.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        }
+        # Off the hot path (directory, cache, health): redis-py, cluster-aware when asked to be.
+        self.client: aioredis.Redis | RedisCluster = (
+            RedisCluster.from_url(url, **options) if cluster else aioredis.Redis.from_url(url, **options)
         )
         self.outage = OutageLog()
-        self.pipe = RespPipe(url, timeout=timeout)  # the hot path's own auto-pipelined connection
+        # The hot path's own auto-pipelined connection (on a cluster, one per master).
+        self.pipe: RespPipe | ClusterPipe = (
+            ClusterPipe(url, timeout=timeout) if cluster else RespPipe(url, timeout=timeout)
+        )
         self._settling: set[asyncio.Future[Any]] = set()  # settle_soon calls awaiting their reply
         self._retrying: set[asyncio.Task[None]] = set()
 
     async def _script(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
-            reply = await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            key = keys[0]  # every key of one call shares a hash tag: on a cluster, one node
+            reply = await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, key=key)
             if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                # Redis restarted or flushed its script cache: load the script and run it again.
-                await self.pipe.call("SCRIPT", "LOAD", script.source)
-                reply = await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+                # Redis restarted or flushed its script cache (or this cluster node never had it):
+                # load the script and run it again.
+                await self.pipe.call("SCRIPT", "LOAD", script.source, key=key)
+                reply = await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, key=key)
         except StoreUnavailable as exc:
             self.outage.failure("script", exc)
             raise
@@ -187,7 +199,7 @@ class RedisStore:
     ) -> bool:
         sid = settle_id or new_settle_id()
         keys, args = self._settle_args(ops, sid)
-        future = self.pipe.send_now("EVALSHA", SETTLE.sha, len(keys), *keys, *args)
+        future = self.pipe.send_now("EVALSHA", SETTLE.sha, len(keys), *keys, *args, key=keys[0])
         if future is None:
             return False
         self._settling.add(future)
@@ -217,7 +229,9 @@ class RedisStore:
                 if str(reply).startswith("READONLY"):
                     self.pipe.reset("connected to a read-only replica")
                 failed(ops)
-            elif str(reply).startswith("NOSCRIPT"):  # Redis restarted: the slow path loads the script
+            elif str(reply).startswith(("NOSCRIPT", "MOVED ", "ASK ")):
+                # Redis restarted (the slow path loads the script), or a cluster slot moved (it
+                # follows the redirection).
                 task = asyncio.get_running_loop().create_task(self._settle_again(ops, failed, settle_id))
                 self._retrying.add(task)
                 task.add_done_callback(self._retrying.discard)

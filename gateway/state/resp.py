@@ -82,15 +82,27 @@ class RespPipe:
         self._retry_at = 0.0
         self._watching = False
 
-    async def call(self, *args: Any) -> Any:
-        """Send one command (batched with the others of this tick); its reply, or ReplyError."""
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def at(self, host: str, port: int) -> RespPipe:
+        """A pipe to another node with the same credentials and TLS (Redis Cluster)."""
+        pipe = RespPipe("redis://", timeout=self.timeout)
+        pipe.ssl, pipe.host, pipe.port = self.ssl, host, port
+        pipe.handshake = [c for c in self.handshake if c[0] == "AUTH"]  # a cluster has only database 0
+        return pipe
+
+    async def call(self, *args: Any, key: str | None = None) -> Any:
+        """Send one command (batched with the others of this tick); its reply, or ReplyError.
+        ``key`` is for ``ClusterPipe``, which routes by it; one Redis has one node."""
         if not self._ready:
             await self._connect()
             if not self._ready:  # lost again while this caller was waking up
                 raise StoreUnavailable("redis connection lost")
         return await self._send(encode(args))
 
-    def send_now(self, *args: Any) -> asyncio.Future[Any] | None:
+    def send_now(self, *args: Any, key: str | None = None) -> asyncio.Future[Any] | None:
         """Queue one command without waiting (its reply arrives on the future); None when the
         connection is not up (use ``call``, which connects)."""
         return self._send(encode(args)) if self._ready else None

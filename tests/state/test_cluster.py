@@ -1,0 +1,269 @@
+"""Redis Cluster: a real 3-master cluster of private redis-servers; the gateway with ``redis.cluster``.
+
+Each team's keys share a ``{team}`` hash tag, so its limit scripts run on one master; different teams
+live on different masters. Covered: the slot function against Redis' own, exact limits and the usage
+books per team through the SDK, runtime keys (directory) and revocation, a slot moved to another
+master while the gateway runs (``MOVED``), and a slot caught mid-migration (``ASK``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import redis as sync_redis
+
+from gateway.state.cluster import ClusterPipe, key_slot
+from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, Upstream, tenancy_config
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+    reason="redis-server / redis-cli are not installed",
+)
+
+
+def _free_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is free too."""
+    while True:
+        port = random.randrange(20000, 45000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+
+
+class Cluster:
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        self.ports = [_free_port() for _ in range(masters)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        try:
+            self._start(workdir)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, workdir: Path) -> None:
+        for port in self.ports:
+            node_dir = workdir / str(port)
+            node_dir.mkdir()
+            self.procs.append(
+                subprocess.Popen(
+                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(node_dir),
+                     "--cluster-node-timeout", "2000"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        for port in self.ports:
+            self._wait(lambda c: c.ping(), port)
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for port in self.ports:
+            self._wait(lambda c: b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO"), port)
+
+    def _wait(self, ready: Callable[[sync_redis.Redis], Any], port: int) -> None:
+        client = self.node(port)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    if ready(client):
+                        return
+                except sync_redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis cluster node {port} not ready")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def node(self, port: int) -> sync_redis.Redis:
+        return sync_redis.Redis(port=port, socket_connect_timeout=0.5)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def owner(self, slot: int) -> int:
+        """The port of the master serving ``slot``."""
+        with self.node(self.ports[0]) as client:
+            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        raise LookupError(slot)
+
+    def node_id(self, port: int) -> str:
+        with self.node(port) as client:
+            return str(client.execute_command("CLUSTER", "MYID").decode())
+
+    def begin_move(self, slot: int, to: int) -> int:
+        """Start migrating ``slot`` to the master at port ``to`` and copy its keys; returns the
+        source's port. The slot stays MIGRATING/IMPORTING until ``end_move``."""
+        source = self.owner(slot)
+        with self.node(to) as dst, self.node(source) as src:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(to))
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", to, "", 0, 5000, "KEYS", *keys)
+        return source
+
+    def end_move(self, slot: int, to: int) -> None:
+        target = self.node_id(to)
+        for port in self.ports:
+            with self.node(port) as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.stop()
+
+
+def cluster_config(upstream: Upstream, cluster: Cluster, **team_a: Any) -> dict[str, Any]:
+    cfg = tenancy_config(upstream.url, **team_a)
+    cfg["redis"] |= {"url": cluster.url, "cluster": True}
+    return cfg
+
+
+def test_key_slot_matches_redis(cluster: Cluster) -> None:
+    keys = ["team-a", "llmgw:{team-a}:rpm", "{p:openrouter}:settled:1", "a{}b", "{}x", "x{y", "ümlaut{é}", ""]
+    with cluster.node(cluster.ports[0]) as client:
+        for key in keys:
+            assert key_slot(key) == client.execute_command("CLUSTER", "KEYSLOT", key), key
+
+
+def test_the_two_teams_live_on_different_masters(cluster: Cluster) -> None:
+    # What the other tests rely on: one gateway request touches one master, another team another one.
+    assert cluster.owner(key_slot("{team-a}")) != cluster.owner(key_slot("{team-b}"))
+
+
+async def _chat(client: openai.AsyncOpenAI) -> Any:
+    return await client.chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5
+    )
+
+
+async def test_limits_usage_and_runtime_keys_on_a_cluster(
+    upstream: Upstream, cluster: Cluster, make_gateway: Callable[..., Awaitable[RunningGateway]]
+) -> None:
+    gw = await make_gateway(cluster_config(upstream, cluster, limits={"rpm": 5}))
+    team_a, team_b = gw.client(api_key=TEAM_KEY), gw.client(api_key=TEAM_B_KEY)
+
+    # Exact rpm under concurrency: 12 at once, exactly 5 admitted; team B (another master) unaffected.
+    results = await asyncio.gather(*(_chat(team_a) for _ in range(12)), return_exceptions=True)
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 5
+    assert all(isinstance(r, openai.RateLimitError) for r in results if isinstance(r, BaseException))
+    for _ in range(3):
+        assert (await _chat(team_b)).http_response.status_code == 200
+
+    # The usage books, per team, from the masters their tags live on.
+    await gw.gateway.pipeline.drain()
+    status, usage = await gw.http("GET", "/api/v1/usage", TEAM_B_KEY)
+    assert status == 200 and usage["total"]["requests"] == 3
+    status, usage = await gw.http("GET", "/api/v1/usage", TEAM_KEY)
+    assert status == 200 and usage["total"]["requests"] == 5
+
+    # Runtime keys (the directory, through redis-py's cluster client): created, used, revoked.
+    status, created = await gw.http("POST", "/admin/keys", MASTER_KEY, {"team": "team-b", "name": "ci"})
+    assert status == 201, created
+    runtime = gw.client(api_key=created["key"])
+    assert (await _chat(runtime)).http_response.status_code == 200
+    status, listed = await gw.http("GET", "/admin/keys?team=team-b", MASTER_KEY)
+    assert status == 200 and created["id"] in str(listed)
+    status, _ = await gw.http("DELETE", f"/admin/keys/{created['id']}", MASTER_KEY)
+    assert status in (200, 204)
+    with pytest.raises(openai.AuthenticationError):
+        await _chat(runtime)
+
+
+async def test_the_cache_answers_from_a_cluster(
+    upstream: Upstream, cluster: Cluster, make_gateway: Callable[..., Awaitable[RunningGateway]]
+) -> None:
+    cfg = cluster_config(upstream, cluster)
+    cfg["plugins"] = ["auth", "rate_limit", "quota", "cache"]
+    cfg["cache"] = {"enabled": True, "ttl_seconds": 60}
+    gw = await make_gateway(cfg)
+    client = gw.client(api_key=TEAM_KEY)
+    first = await _chat(client)
+    await gw.gateway.pipeline.drain()  # the cache write runs after the answer
+    second = await _chat(client)
+    assert first.http_response.headers["x-gateway-cache"] == "miss"
+    assert second.http_response.headers["x-gateway-cache"] == "hit"
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert len(upstream.state.requests) == 1
+
+
+async def test_a_slot_moved_to_another_master_is_followed_and_its_limits_kept(
+    upstream: Upstream, cluster: Cluster, make_gateway: Callable[..., Awaitable[RunningGateway]]
+) -> None:
+    cfg = cluster_config(upstream, cluster, limits={"rpm": 6})
+    cfg["teams"][0]["id"] = "team-moving"
+    gw = await make_gateway(cfg)
+    client = gw.client(api_key=TEAM_KEY)
+    for _ in range(3):
+        assert (await _chat(client)).http_response.status_code == 200
+
+    slot = key_slot("{team-moving}")
+    to = next(p for p in cluster.ports if p != cluster.owner(slot))
+    cluster.begin_move(slot, to)
+    cluster.end_move(slot, to)
+    assert cluster.owner(slot) == to
+
+    # The gateway's map still names the old master: MOVED, then the new one; the bucket moved with
+    # its keys, so exactly 3 more requests fit in the minute.
+    statuses = []
+    for _ in range(5):
+        try:
+            statuses.append((await _chat(client)).http_response.status_code)
+        except openai.RateLimitError:
+            statuses.append(429)
+    assert statuses == [200, 200, 200, 429, 429]
+    assert "state_store_unavailable" not in gw.logs.getvalue().decode()
+
+
+async def test_a_command_for_a_slot_mid_migration_follows_ask(cluster: Cluster) -> None:
+    key = "{ask-test}:value"
+    slot = key_slot(key)
+    source = cluster.owner(slot)
+    to = next(p for p in cluster.ports if p != source)
+    with cluster.node(source) as client:
+        client.set(key, b"moved-with-its-slot")
+    pipe = ClusterPipe(cluster.url, timeout=2.0)
+    try:
+        assert await pipe.call("GET", key, key=key) == b"moved-with-its-slot"  # maps the cluster
+        cluster.begin_move(slot, to)  # the key is on the importing node; the source answers ASK
+        assert await pipe.call("GET", key, key=key) == b"moved-with-its-slot"
+        assert pipe.slots[slot] is pipe.nodes[f"127.0.0.1:{source}"]  # ASK is one-off: map unchanged
+        cluster.end_move(slot, to)
+        assert await pipe.call("GET", key, key=key) == b"moved-with-its-slot"  # MOVED from here on
+        assert await pipe.call("GET", key, key=key) == b"moved-with-its-slot"
+        assert pipe.slots[slot] is pipe.nodes[f"127.0.0.1:{to}"]
+    finally:
+        pipe.close()
+        with cluster.node(to) as client:
+            client.delete(key)
