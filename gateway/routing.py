@@ -20,7 +20,7 @@ import structlog
 from gateway import metrics
 from gateway.config import CircuitBreakerConfig, Config, ModelConfig, RoutingConfig
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, ServiceUnavailable, UpstreamError
+from gateway.errors import GatewayError, RateLimited, ServiceUnavailable, UpstreamError
 from gateway.providers import Provider
 from gateway.upstream_limits import Held, Plan, UpstreamLimited, UpstreamLimits, refused
 
@@ -162,6 +162,8 @@ class Router:
         route = self.routes[ctx.model.name]
         last: AttemptFailed | None = None
         limited: UpstreamLimited | None = None
+        throttled = True  # so far every failed attempt was the upstream's 429
+        waits: list[float] = []  # the Retry-After values those 429s gave
         previous: Target | None = None
         for target in route.targets:
             if not target.breaker.allow():
@@ -198,6 +200,9 @@ class Router:
                     result = await attempt(target)
                 except AttemptFailed as failure:
                     last = failure
+                    throttled = throttled and failure.outcome == "status_429"
+                    if failure.retry_after is not None:
+                        waits.append(failure.retry_after)
                     if held is not None and self.upstream is not None:
                         ctx.upstream_held = None
                         self.upstream.give_back(held, 0)  # nothing was served: tokens and slot back
@@ -238,6 +243,17 @@ class Router:
         if last is None and limited is not None:
             metrics.RATE_LIMITED.labels(ctx.team or "none", "upstream").inc()
             raise refused(limited, ctx.model.name)
+        if last is not None and throttled:
+            # Every upstream is rate-limiting (or at its gateway-wide limit): the client gets a 429 it
+            # can back off from — with the soonest Retry-After any of them gave — not a 502.
+            metrics.RATE_LIMITED.labels(ctx.team or "none", "upstream").inc()
+            if limited is not None:
+                waits.append(limited.retry_after)
+            raise RateLimited(
+                f"every upstream of model {ctx.model.name!r} is rate-limiting requests; try again shortly",
+                retry_after=min(waits, default=1.0),
+                code="upstream_rate_limited",
+            )
         if last is None:
             why = (
                 "every target's circuit is open"

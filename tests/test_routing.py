@@ -243,6 +243,28 @@ async def test_all_targets_failing_is_a_502(
 
 
 @both_modes
+async def test_every_target_rate_limiting_is_a_429_with_the_soonest_retry_after(
+    upstream: Upstream, make_gateway: MakeGateway, stream: bool
+) -> None:
+    cfg = two_targets(upstream.url, "mock-a:status=429,retry_after=7", "mock-b:status=429,retry_after=3")
+    gw = await make_gateway(cfg)
+    exc = await fail(gw.client(), stream)
+    assert isinstance(exc, openai.RateLimitError)  # the SDK backs off and retries a 429
+    err = error_of(exc)
+    assert (err["type"], err["code"]) == ("rate_limit_error", "upstream_rate_limited")
+    assert exc.response.headers["retry-after"] == "3"
+    assert upstream.state.calls("mock-a") == upstream.state.calls("mock-b") == 1
+
+
+async def test_a_429_and_another_failure_is_still_a_502(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(two_targets(upstream.url, "mock-a:status=429", "mock-b:status=500"))
+    exc = await fail(gw.client(), False)
+    assert exc.status_code == 502 and error_of(exc)["type"] == "upstream_error"
+
+
+@both_modes
 async def test_all_targets_timing_out_is_a_504(
     upstream: Upstream, make_gateway: MakeGateway, stream: bool
 ) -> None:
