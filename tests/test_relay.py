@@ -314,6 +314,15 @@ async def test_unknown_request_fields_reach_the_upstream_untouched(
     assert record.headers["Authorization"] == f"Bearer {PROVIDER_KEY}"  # not the client's key
 
 
+async def upstream_post(base_url: str, body: Mapping[str, Any]) -> str:
+    """The Set-Cookie header of a direct call to the mock."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base_url}/chat/completions", json=body) as resp,
+    ):
+        return resp.headers.get("Set-Cookie", "")
+
+
 async def test_a_cookie_set_by_the_upstream_never_reaches_another_teams_request(
     upstream: Upstream, make_gateway: Callable[..., Awaitable[RunningGateway]]
 ) -> None:
@@ -321,6 +330,11 @@ async def test_a_cookie_set_by_the_upstream_never_reaches_another_teams_request(
     cfg = tenancy_config(upstream.url.replace("127.0.0.1", "localhost"), redis=False)  # IP hosts get none
     cfg["models"][0]["targets"][0]["model"] = "mock-chat:set_cookie"
     gw = await make_gateway(cfg)
+    direct = await upstream_post(
+        upstream.url, {"model": "mock-chat:set_cookie", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert "upstream_session=" in direct  # the mock does set one
+    upstream.state.requests.clear()
     for key in (TEAM_KEY, TEAM_B_KEY):
         reply = await gw.client(api_key=key).chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "hi"}]

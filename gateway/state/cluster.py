@@ -60,12 +60,18 @@ def _redirect(reply: Any) -> tuple[str, int, str] | None:
 
 
 class ClusterPipe:
+    MAX_RETRIES = 3  # redirections and TRYAGAIN pauses per call
+    REFRESH_INTERVAL = 0.2  # at most this often while the map is out of date and reading it fails
+
     def __init__(self, url: str, *, timeout: float) -> None:
         self.seed = RespPipe(url, timeout=timeout)
         self.nodes: dict[str, RespPipe] = {}  # "host:port" -> its pipe
         self.slots: list[RespPipe | None] = [None] * SLOTS
         self._stale = True
         self._refreshing: asyncio.Task[None] | None = None
+        self._next_refresh = 0.0
+        self._deferred: asyncio.TimerHandle | None = None
+        self._last_good: RespPipe | None = None  # the node that answered CLUSTER SLOTS last
 
     def _node(self, address: str) -> RespPipe:
         pipe = self.nodes.get(address)
@@ -75,32 +81,51 @@ class ClusterPipe:
         return pipe
 
     async def call(self, *args: Any, key: str | None = None) -> Any:
-        """Send one command to the master of ``key``'s slot; its reply (redirections followed once)."""
+        """Send one command to the master of ``key``'s slot; its reply. Redirections and TRYAGAIN
+        are followed up to ``MAX_RETRIES`` times; a reply still redirecting after that is returned."""
         if key is None:
             raise ValueError("a command on Redis Cluster needs the key that picks its node")
         slot = key_slot(key)
         pipe = self.slots[slot]
-        if pipe is None or self._stale:
-            await self.refresh()
+        if pipe is None:
+            await self.refresh()  # nothing known about this slot yet: wait for the map
             pipe = self.slots[slot]
             if pipe is None:
                 raise StoreUnavailable(f"no Redis Cluster master serves slot {slot}")
-        try:
-            reply = await pipe.call(*args)
-        except StoreUnavailable:
-            self._stale = True  # a failover may have promoted another master: ask again next time
-            raise
-        redirect = _redirect(reply)
-        if redirect is None:
-            return reply
-        kind, moved_slot, address = redirect
-        target = self._node(address)
-        if kind == "MOVED":
-            self.slots[moved_slot] = target
-            self._stale = True  # others have likely moved with it: the next call refreshes the map
-            return await target.call(*args)
-        # ASK (the slot is being migrated): ASKING must reach the importing node right before the
-        # command, so both are queued in one go — nothing of another request can come in between.
+        elif self._stale:
+            self.refresh_soon()  # meanwhile the map at hand serves: healthy masters never wait
+        asking: RespPipe | None = None
+        retries = 0
+        while True:
+            try:
+                reply = await (self._ask(asking, args) if asking is not None else pipe.call(*args))
+            except StoreUnavailable:
+                self._stale = True  # a failover may have promoted another master: read the map again
+                self.refresh_soon()
+                raise
+            asking = None
+            redirect = _redirect(reply)
+            if redirect is None and not (isinstance(reply, ReplyError) and str(reply).startswith("TRYAGAIN")):
+                return reply
+            if retries == self.MAX_RETRIES:
+                return reply
+            retries += 1
+            if redirect is None:
+                # TRYAGAIN: the keys of a slot being migrated are split between two masters for now.
+                await asyncio.sleep(0.01 * 3**retries)
+                continue
+            kind, moved_slot, address = redirect
+            target = self._node(address)
+            if kind == "MOVED":  # moved for good; others have likely moved with it: re-read the map
+                self.slots[moved_slot] = pipe = target
+                self._stale = True
+                self.refresh_soon()
+            else:
+                asking = target  # mid-migration: this one command goes to the importing node
+
+    async def _ask(self, target: RespPipe, args: tuple[Any, ...]) -> Any:
+        # ASKING must reach the importing node right before the command, so both are queued in one
+        # go: nothing of another request can come in between on the shared connection.
         if not target.ready:
             await target.call("PING")  # connects first
         asking, future = target.send_now("ASKING"), target.send_now(*args)
@@ -110,52 +135,85 @@ class ClusterPipe:
         return await future
 
     def send_now(self, *args: Any, key: str | None = None) -> asyncio.Future[Any] | None:
-        """Queue without waiting, like ``RespPipe.send_now``; None when the map or the node is not
-        ready (the caller falls back to ``call``). A redirection comes back as the reply."""
-        if key is None or self._stale:
+        """Queue without waiting, like ``RespPipe.send_now``; None when the slot's node is not known
+        or not connected (the caller falls back to ``call``). A redirection comes back as the reply."""
+        if key is None:
             return None
         pipe = self.slots[key_slot(key)]
         return pipe.send_now(*args) if pipe is not None else None
 
+    async def broadcast(self, *args: Any) -> None:
+        """Send a command to every known node (``SCRIPT LOAD``: a script must be on whichever node
+        runs it, including one importing a slot). Nodes that fail are skipped."""
+        if not self.nodes:
+            await self.refresh()
+        await asyncio.gather(
+            *(pipe.call(*args) for pipe in list(self.nodes.values())), return_exceptions=True
+        )
+
+    def refresh_soon(self) -> None:
+        """Start reading the map in the background (or, right after the last read, as soon as the
+        interval allows: a map out of date is always read again)."""
+        if self._refreshing is not None or self._deferred is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_refresh:
+            self._deferred = loop.call_at(self._next_refresh, self._deferred_refresh)
+            return
+        self._next_refresh = loop.time() + self.REFRESH_INTERVAL
+        task = self._refreshing = loop.create_task(self._refresh())
+        task.add_done_callback(self._refreshed)
+
+    def _deferred_refresh(self) -> None:
+        self._deferred = None
+        if self._stale:
+            self.refresh_soon()
+
     async def refresh(self) -> None:
-        """Read the slot map (one refresh at a time; callers wait for the one in progress)."""
-        if self._refreshing is None:
-            task = self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
-            task.add_done_callback(self._refreshed)
+        """Read the slot map and wait for it (one refresh at a time)."""
+        self.refresh_soon()
+        if self._refreshing is None:  # read moments ago and failed: fail fast until the next try
+            raise StoreUnavailable("the Redis Cluster slot map cannot be read right now")
         await asyncio.shield(self._refreshing)
 
     def _refreshed(self, task: asyncio.Task[None]) -> None:
         self._refreshing = None
         if not task.cancelled():
-            task.exception()  # retrieved here when every waiting caller has left
+            task.exception()  # retrieved here when nobody waits for it (a background refresh)
 
     async def _refresh(self) -> None:
-        last: BaseException | None = None
-        for pipe in [self.seed, *self.nodes.values()]:  # the seed may be the node that failed
+        """Ask the node that answered last, then the others, then the seed; the first usable map
+        wins. None usable: the map at hand stays (its slots keep being served)."""
+        candidates = [p for p in (self._last_good, *self.nodes.values()) if p is not None] + [self.seed]
+        for pipe in dict.fromkeys(candidates):
             try:
                 reply = await pipe.call("CLUSTER", "SLOTS")
-            except StoreUnavailable as exc:
-                last = exc
+            except StoreUnavailable:
                 continue
-            if isinstance(reply, ReplyError):
-                raise StoreUnavailable(f"CLUSTER SLOTS refused: {str(reply)[:80]}")
+            if isinstance(reply, ReplyError) or not reply:
+                continue  # restarting, not (yet) part of the cluster, or knows no slots
             slots: list[RespPipe | None] = [None] * SLOTS
+            listed = set()
             for start, end, master, *_ in reply:
                 host = master[0].decode() if master[0] not in (b"", b"?") else pipe.host
-                node = self._node(f"{host}:{master[1]}")
-                slots[start : end + 1] = [node] * (end + 1 - start)
-            self.slots = slots
-            self._stale = False
+                address = f"{host}:{master[1]}"
+                listed.add(address)
+                slots[start : end + 1] = [self._node(address)] * (end + 1 - start)
+            for address in [a for a in self.nodes if a not in listed]:
+                self.nodes.pop(address).close()  # no longer a master (or gone)
+            self.slots, self._stale = slots, False
+            self._last_good = pipe if pipe is self.seed or pipe in self.nodes.values() else None
             return
-        raise StoreUnavailable(f"no Redis Cluster node answers ({type(last).__name__})")
+        raise StoreUnavailable("no Redis Cluster node answers CLUSTER SLOTS")
 
     def reset(self, reason: str) -> None:
-        for pipe in self.nodes.values():
-            pipe.reset(reason)
-        self.seed.reset(reason)
+        """A node answered as a replica (READONLY after a failover): the map is out of date."""
         self._stale = True
+        self.refresh_soon()
 
     def close(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
         for pipe in self.nodes.values():
             pipe.close()
         self.seed.close()

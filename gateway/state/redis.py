@@ -57,6 +57,9 @@ SETTLE_RECORD_MS = 300_000
 # Replies meaning "not now" (the call did not run): treated like an unreachable store, so admissions
 # take the fail-open/closed path and settlements wait in the replay backlog instead of being dropped.
 _TRANSIENT = ("LOADING", "BUSY", "READONLY", "OOM", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MISCONF")
+# On a cluster, replies still redirecting (or missing the script) after the pipe's retries: a slot
+# on the move; the call did not run, so it is retried later like one to an unreachable Redis.
+_UNSETTLED = (*_TRANSIENT, "MOVED ", "ASK ", "NOSCRIPT")
 
 
 # Script arguments: one string per check or op (fields joined by \x1f), since encoding costs per
@@ -152,14 +155,17 @@ class RedisStore:
             key = keys[0]  # every key of one call shares a hash tag: on a cluster, one node
             reply = await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, key=key)
             if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                # Redis restarted or flushed its script cache (or this cluster node never had it):
-                # load the script and run it again.
-                await self.pipe.call("SCRIPT", "LOAD", script.source, key=key)
+                # Redis restarted or flushed its script cache: load the script and run it again. On a
+                # cluster, on every node: the one that ran it may be importing the slot (ASK).
+                if isinstance(self.pipe, ClusterPipe):
+                    await self.pipe.broadcast("SCRIPT", "LOAD", script.source)
+                else:
+                    await self.pipe.call("SCRIPT", "LOAD", script.source)
                 reply = await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, key=key)
         except StoreUnavailable as exc:
             self.outage.failure("script", exc)
             raise
-        if isinstance(reply, ReplyError) and str(reply).startswith(_TRANSIENT):
+        if isinstance(reply, ReplyError) and str(reply).startswith(_UNSETTLED):
             # Loading its data, busy, a replica after a failover...: unavailable for now, not a bad call.
             busy = StoreUnavailable(str(reply).split(" ", 1)[0])
             self.outage.failure("script", busy)

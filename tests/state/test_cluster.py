@@ -22,7 +22,9 @@ import openai
 import pytest
 import redis as sync_redis
 
+from gateway.state.base import Check, Op, StoreUnavailable
 from gateway.state.cluster import ClusterPipe, key_slot
+from gateway.state.redis import RedisStore
 from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, Upstream, tenancy_config
 
 pytestmark = pytest.mark.skipif(
@@ -31,22 +33,27 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    """A free port whose cluster-bus port (port + 10000) is free too."""
-    while True:
-        port = random.randrange(20000, 45000)
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports whose cluster-bus ports (+10000) are free too, all below Linux's
+    ephemeral range (32768+), so no outgoing connection takes one before redis-server binds it."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(20000, 22700)
+        if {port, port + 10000} & {q for p in ports for q in (p, p + 10000)}:
+            continue
         try:
-            for p in (port, port + 10000):
+            for candidate in (port, port + 10000):
                 with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
+                    s.bind(("127.0.0.1", candidate))
         except OSError:
             continue
-        return port
+        ports.append(port)
+    return ports
 
 
 class Cluster:
     def __init__(self, workdir: Path, masters: int = 3) -> None:
-        self.ports = [_free_port() for _ in range(masters)]
+        self.ports = _free_ports(masters)
         self.procs: list[subprocess.Popen[bytes]] = []
         try:
             self._start(workdir)
@@ -62,7 +69,8 @@ class Cluster:
                 subprocess.Popen(
                     ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                      "--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(node_dir),
-                     "--cluster-node-timeout", "2000"],
+                     "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no",
+                     "--logfile", str(node_dir / "redis.log")],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -131,9 +139,15 @@ class Cluster:
             with self.node(port) as client:
                 client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
 
+    def kill(self, port: int) -> None:
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait()
+
     def stop(self) -> None:
         for proc in self.procs:
-            proc.kill()
+            if proc.poll() is None:
+                proc.kill()
             proc.wait()
 
 
@@ -267,3 +281,71 @@ async def test_a_command_for_a_slot_mid_migration_follows_ask(cluster: Cluster) 
         pipe.close()
         with cluster.node(to) as client:
             client.delete(key)
+
+
+def _tag_on(cluster: Cluster, port: int, prefix: str) -> str:
+    """A hash tag whose slot the master at ``port`` serves."""
+    return next(f"{{{prefix}{i}}}" for i in range(10_000) if cluster.owner(key_slot(f"{prefix}{i}")) == port)
+
+
+async def test_a_settlement_sent_to_a_slot_that_moved_is_redirected_not_dropped(cluster: Cluster) -> None:
+    store = RedisStore(cluster.url, "t-settle", timeout=2.0, cluster=True)
+    key = "t-settle:{settle-move}:usd"
+    slot = key_slot(key)
+    try:
+        await store.admit([Check("budget", key, 100.0, "budget", ends_ms=2_000_000_000_000)])  # maps
+        to = next(p for p in cluster.ports if p != cluster.owner(slot))
+        cluster.begin_move(slot, to)
+        cluster.end_move(slot, to)
+        # The map still names the old master, so the settlement goes there and comes back MOVED.
+        assert store.settle_soon([Op("incr", key, (2.5, 60))], lambda ops: pytest.fail("dropped"))
+        await store.settled()
+        with cluster.node(to) as client:
+            assert float(client.get(key) or 0) == 2.5
+    finally:
+        await store.close()
+
+
+async def test_a_script_on_a_slot_mid_migration_reaches_the_importing_node_even_without_the_script(
+    cluster: Cluster,
+) -> None:
+    store = RedisStore(cluster.url, "t-ask", timeout=2.0, cluster=True)
+    key = "t-ask:{ask-script}:rpm"
+    slot = key_slot(key)
+    rpm = Check("bucket", key, 10, "rpm", rate=10 / 60, cost=1)
+    to = next(p for p in cluster.ports if p != cluster.owner(slot))
+    try:
+        first = await store.admit([rpm])
+        assert first.failed is None and first.remaining[0][0] == 9
+        cluster.begin_move(slot, to)  # the bucket is on the importing node now
+        with cluster.node(to) as client:
+            client.script_flush()  # ... which has never run the script
+        second = await store.admit([rpm])  # ASK -> NOSCRIPT -> loaded everywhere -> ASK again
+        assert second.failed is None and second.remaining[0][0] == 8  # the same bucket, one less
+    finally:
+        cluster.end_move(slot, to)
+        await store.close()
+
+
+async def test_with_the_seed_node_dead_the_other_masters_keep_answering_without_waiting(
+    tmp_path: Path,
+) -> None:
+    own = Cluster(tmp_path)
+    pipe = ClusterPipe(own.url, timeout=0.5)
+    try:
+        seed, other = own.ports[0], own.ports[1]
+        alive, dead = _tag_on(own, other, "alive") + "k", _tag_on(own, seed, "dead") + "k"
+        assert await pipe.call("SET", alive, "1", key=alive) == b"OK"  # maps the cluster
+        assert await pipe.call("SET", dead, "1", key=dead) == b"OK"
+        own.kill(seed)
+        with pytest.raises(StoreUnavailable):
+            await pipe.call("GET", dead, key=dead)  # its master is gone: fails, the map goes stale
+        for _ in range(5):
+            started = time.monotonic()
+            assert await pipe.call("GET", alive, key=alive) == b"1"
+            assert time.monotonic() - started < 0.2  # never waits behind the map refresh
+        await asyncio.sleep(0.3)
+        assert pipe._last_good is not None and pipe._last_good.port != seed  # mapped by a live node
+    finally:
+        pipe.close()
+        own.stop()
