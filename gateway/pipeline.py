@@ -197,19 +197,33 @@ class Limiter:
             self.replay_task = asyncio.get_running_loop().create_task(self._replay())
 
     async def _replay(self) -> None:
-        """One task at a time replays the backlog, in order. Each entry keeps its settlement id, so one
-        that did run before its reply was lost is recognised by the store and not booked twice."""
+        """One task at a time replays the backlog. Each entry keeps its settlement id, so one that did
+        run before its reply was lost is recognised by the store and not booked twice. Settlements add
+        up in any order, so one that cannot be booked yet (its Redis Cluster slot stuck mid-migration,
+        its master down) is set aside with the rest of its hash tag and does not hold up the others;
+        when nothing at all can be booked, the store is down and the replay waits for it."""
+        set_aside: deque[tuple[str, Sequence[Op]]] = deque()
+        failing: set[str] = set()
+        booked = False
         while self.backlog:
             entry = self.backlog.popleft()
+            tag = entry[1][0].key.split("}", 1)[0]
+            if tag in failing:
+                set_aside.append(entry)
+                continue
             try:
                 await self.store.settle(entry[1], entry[0])
+                booked = True
             except StoreScriptError:
                 log.error("replay_rejected")  # an entry Redis refuses must not block those behind it
             except StoreUnavailable:
-                self.backlog.appendleft(entry)  # down again: the next successful call resumes
-                return
+                failing.add(tag)
+                set_aside.append(entry)
+                if not booked and len(failing) >= 3:
+                    break  # three hash tags failing and nothing booked: the store is down
             except Exception:
                 log.exception("replay_failed")
+        self.backlog.extendleft(reversed(set_aside))  # tried first next time, in their order
 
 
 def _headers(ctx: RequestContext, checks: Sequence[Check], decision: Decision) -> None:

@@ -65,13 +65,18 @@ class ClusterPipe:
 
     def __init__(self, url: str, *, timeout: float) -> None:
         self.seed = RespPipe(url, timeout=timeout)
+        self.timeout = timeout
         self.nodes: dict[str, RespPipe] = {}  # "host:port" -> its pipe
         self.slots: list[RespPipe | None] = [None] * SLOTS
         self._stale = True
+        self._changes = 0  # counts what made the map stale: a read started before a change keeps it stale
         self._refreshing: asyncio.Task[None] | None = None
         self._next_refresh = 0.0
         self._deferred: asyncio.TimerHandle | None = None
         self._last_good: RespPipe | None = None  # the node that answered CLUSTER SLOTS last
+        self._retired: set[RespPipe] = set()  # masters no longer listed, closed after a grace time
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
 
     def _node(self, address: str) -> RespPipe:
         pipe = self.nodes.get(address)
@@ -80,11 +85,19 @@ class ClusterPipe:
             pipe = self.nodes[address] = self.seed.at(host, int(port))
         return pipe
 
+    def _outdated(self) -> None:
+        self._stale = True
+        self._changes += 1
+        self.refresh_soon()
+
     async def call(self, *args: Any, key: str | None = None) -> Any:
         """Send one command to the master of ``key``'s slot; its reply. Redirections and TRYAGAIN
-        are followed up to ``MAX_RETRIES`` times; a reply still redirecting after that is returned."""
+        are followed up to ``MAX_RETRIES`` times within ``timeout``; a reply still redirecting after
+        that is returned as it is."""
         if key is None:
             raise ValueError("a command on Redis Cluster needs the key that picks its node")
+        if self._closed:
+            raise StoreUnavailable("closed")
         slot = key_slot(key)
         pipe = self.slots[slot]
         if pipe is None:
@@ -94,32 +107,33 @@ class ClusterPipe:
                 raise StoreUnavailable(f"no Redis Cluster master serves slot {slot}")
         elif self._stale:
             self.refresh_soon()  # meanwhile the map at hand serves: healthy masters never wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         asking: RespPipe | None = None
         retries = 0
         while True:
             try:
                 reply = await (self._ask(asking, args) if asking is not None else pipe.call(*args))
             except StoreUnavailable:
-                self._stale = True  # a failover may have promoted another master: read the map again
-                self.refresh_soon()
+                if not self._closed:
+                    self._outdated()  # a failover may have promoted another master
                 raise
             asking = None
             redirect = _redirect(reply)
             if redirect is None and not (isinstance(reply, ReplyError) and str(reply).startswith("TRYAGAIN")):
                 return reply
-            if retries == self.MAX_RETRIES:
+            if retries == self.MAX_RETRIES or loop.time() >= deadline:
                 return reply
             retries += 1
             if redirect is None:
                 # TRYAGAIN: the keys of a slot being migrated are split between two masters for now.
-                await asyncio.sleep(0.01 * 3**retries)
+                await asyncio.sleep(min(0.01 * 3**retries, max(0.0, deadline - loop.time())))
                 continue
             kind, moved_slot, address = redirect
             target = self._node(address)
             if kind == "MOVED":  # moved for good; others have likely moved with it: re-read the map
                 self.slots[moved_slot] = pipe = target
-                self._stale = True
-                self.refresh_soon()
+                self._outdated()
             else:
                 asking = target  # mid-migration: this one command goes to the importing node
 
@@ -144,17 +158,25 @@ class ClusterPipe:
 
     async def broadcast(self, *args: Any) -> None:
         """Send a command to every known node (``SCRIPT LOAD``: a script must be on whichever node
-        runs it, including one importing a slot). Nodes that fail are skipped."""
+        runs it, including one importing a slot), waiting at most ``timeout``: a node that is slow
+        or down does not hold the caller (its call finishes, or fails, in the background)."""
         if not self.nodes:
             await self.refresh()
-        await asyncio.gather(
-            *(pipe.call(*args) for pipe in list(self.nodes.values())), return_exceptions=True
-        )
+        tasks = [asyncio.ensure_future(pipe.call(*args)) for pipe in list(self.nodes.values())]
+        for task in tasks:
+            self._background.add(task)
+            task.add_done_callback(self._finished)
+        await asyncio.wait(tasks, timeout=self.timeout)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a node that failed is the map refresh's business
 
     def refresh_soon(self) -> None:
         """Start reading the map in the background (or, right after the last read, as soon as the
         interval allows: a map out of date is always read again)."""
-        if self._refreshing is not None or self._deferred is not None:
+        if self._closed or self._refreshing is not None or self._deferred is not None:
             return
         loop = asyncio.get_running_loop()
         if loop.time() < self._next_refresh:
@@ -174,7 +196,13 @@ class ClusterPipe:
         self.refresh_soon()
         if self._refreshing is None:  # read moments ago and failed: fail fast until the next try
             raise StoreUnavailable("the Redis Cluster slot map cannot be read right now")
-        await asyncio.shield(self._refreshing)
+        try:
+            await asyncio.shield(self._refreshing)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise StoreUnavailable("closed") from None  # the refresh stopped with the store
+            raise
 
     def _refreshed(self, task: asyncio.Task[None]) -> None:
         self._refreshing = None
@@ -184,11 +212,14 @@ class ClusterPipe:
     async def _refresh(self) -> None:
         """Ask the node that answered last, then the others, then the seed; the first usable map
         wins. None usable: the map at hand stays (its slots keep being served)."""
+        changes = self._changes
         candidates = [p for p in (self._last_good, *self.nodes.values()) if p is not None] + [self.seed]
         for pipe in dict.fromkeys(candidates):
             try:
                 reply = await pipe.call("CLUSTER", "SLOTS")
             except StoreUnavailable:
+                if pipe is self._last_good:
+                    self._last_good = None  # down or hung: not asked first next time
                 continue
             if isinstance(reply, ReplyError) or not reply:
                 continue  # restarting, not (yet) part of the cluster, or knows no slots
@@ -200,20 +231,33 @@ class ClusterPipe:
                 listed.add(address)
                 slots[start : end + 1] = [self._node(address)] * (end + 1 - start)
             for address in [a for a in self.nodes if a not in listed]:
-                self.nodes.pop(address).close()  # no longer a master (or gone)
-            self.slots, self._stale = slots, False
+                self._retire(self.nodes.pop(address))
+            self.slots = slots
+            self._stale = self._changes != changes  # something changed while this map was read
             self._last_good = pipe if pipe is self.seed or pipe in self.nodes.values() else None
             return
         raise StoreUnavailable("no Redis Cluster node answers CLUSTER SLOTS")
 
+    def _retire(self, pipe: RespPipe) -> None:
+        """A master no longer listed: calls already waiting on it get their replies (or MOVED);
+        its connection closes after a grace time, not under them."""
+        self._retired.add(pipe)
+
+        def close() -> None:
+            self._retired.discard(pipe)
+            pipe.close()
+
+        asyncio.get_running_loop().call_later(2 * self.timeout + 1, close)
+
     def reset(self, reason: str) -> None:
         """A node answered as a replica (READONLY after a failover): the map is out of date."""
-        self._stale = True
-        self.refresh_soon()
+        self._outdated()
 
     def close(self) -> None:
+        self._closed = True
         if self._deferred is not None:
             self._deferred.cancel()
-        for pipe in self.nodes.values():
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+        for pipe in (*self.nodes.values(), *self._retired, self.seed):
             pipe.close()
-        self.seed.close()

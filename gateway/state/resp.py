@@ -81,6 +81,7 @@ class RespPipe:
         self._connecting: asyncio.Task[None] | None = None
         self._retry_at = 0.0
         self._watching = False
+        self.closed = False  # for good: never connects again
 
     @property
     def ready(self) -> bool:
@@ -141,6 +142,8 @@ class RespPipe:
 
         The attempt runs as its own task, so a caller that is cancelled (its client left) neither
         strands the other callers nor leaves a connection half set up (AUTH sent, SELECT not)."""
+        if self.closed:
+            raise StoreUnavailable("closed")
         if self._connecting is None:
             if time.monotonic() < self._retry_at:
                 raise StoreUnavailable("redis unreachable")
@@ -166,6 +169,8 @@ class RespPipe:
                     transport, protocol = await loop.create_connection(
                         lambda: _Protocol(self), self.host, self.port, ssl=self.ssl
                     )
+                if self.closed:  # closed while connecting
+                    raise StoreUnavailable("closed")
                 self._transport, self.protocol = transport, protocol
                 for command in self.handshake:
                     reply = await self._send(encode(command))
@@ -201,6 +206,7 @@ class RespPipe:
                 future.set_exception(StoreUnavailable(reason))
 
     def close(self) -> None:
+        self.closed = True
         transport = self._transport
         self.lost("closed")
         if transport is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -22,7 +23,8 @@ import openai
 import pytest
 import redis as sync_redis
 
-from gateway.state.base import Check, Op, StoreUnavailable
+from gateway.pipeline import Limiter
+from gateway.state.base import Check, Op, StoreUnavailable, new_settle_id
 from gateway.state.cluster import ClusterPipe, key_slot
 from gateway.state.redis import RedisStore
 from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, Upstream, tenancy_config
@@ -348,4 +350,76 @@ async def test_with_the_seed_node_dead_the_other_masters_keep_answering_without_
         assert pipe._last_good is not None and pipe._last_good.port != seed  # mapped by a live node
     finally:
         pipe.close()
+        own.stop()
+
+
+async def test_a_settlement_stuck_on_a_migrating_slot_does_not_hold_up_other_teams_replay(
+    cluster: Cluster,
+) -> None:
+    store = RedisStore(cluster.url, "t-replay", timeout=1.0, cluster=True)
+    limiter = Limiter(store)
+    stuck_key, ok_key = "t-replay:{replay-stuck}:usd", "t-replay:{replay-ok}:usd"
+    slot = key_slot(stuck_key)
+    to = next(p for p in cluster.ports if p != cluster.owner(slot))
+    try:
+        await store.admit([Check("budget", ok_key, 100.0, "budget", ends_ms=2_000_000_000_000)])  # maps
+        # While the slot is half-migrated, a settlement touching keys on neither side gets TRYAGAIN.
+        cluster.begin_move(slot, to)
+        limiter.backlog.extend(
+            [
+                (new_settle_id(), [Op("incr", stuck_key, (1.0, 60))]),
+                (new_settle_id(), [Op("incr", ok_key, (2.0, 60))]),
+            ]
+        )
+        await limiter._replay()
+        with cluster.node(cluster.owner(key_slot(ok_key))) as client:
+            assert float(client.get(ok_key) or 0) == 2.0  # booked although queued behind the stuck one
+        assert [ops[0].key for _, ops in limiter.backlog] == [stuck_key]  # kept, not dropped
+        cluster.end_move(slot, to)
+        await limiter._replay()
+        assert not limiter.backlog
+        with cluster.node(to) as client:
+            assert float(client.get(stuck_key) or 0) == 1.0
+    finally:
+        if cluster.owner(slot) != to:
+            cluster.end_move(slot, to)
+        await store.close()
+
+
+async def test_a_closed_cluster_pipe_never_connects_again(cluster: Cluster) -> None:
+    pipe = ClusterPipe(cluster.url, timeout=1.0)
+    key = "{closing}:k"
+    assert await pipe.call("SET", key, "1", key=key) == b"OK"
+    call = asyncio.ensure_future(pipe.call("GET", key, key=key))
+    pipe._outdated()  # a map refresh is on its way ...
+    pipe.close()  # ... when the store closes
+    with pytest.raises(StoreUnavailable):
+        await call
+    await asyncio.sleep(0.3)  # a refresh or retry that outlived close() would reconnect by now
+    assert not any(p.ready for p in (pipe.seed, *pipe.nodes.values()))
+    with pytest.raises(StoreUnavailable):
+        await pipe.call("GET", key, key=key)
+    with cluster.node(cluster.owner(key_slot(key))) as client:
+        client.delete(key)
+
+
+async def test_loading_a_script_does_not_wait_for_a_hung_node(tmp_path: Path) -> None:
+    own = Cluster(tmp_path)
+    store = RedisStore(own.url, "t-hung", timeout=0.3, cluster=True)
+    healthy, hung = own.ports[0], own.ports[1]
+    key = "t-hung:" + _tag_on(own, healthy, "h") + ":rpm"
+    rpm = Check("bucket", key, 100, "rpm", rate=100 / 60, cost=1)
+    try:
+        await store.admit([rpm])
+        await store.pipe.call("PING", key=_tag_on(own, hung, "x"))  # connected to the soon-hung node too
+        own.procs[own.ports.index(hung)].send_signal(signal.SIGSTOP)
+        with own.node(healthy) as client:
+            client.script_flush()
+        started = time.monotonic()
+        decision = await store.admit([rpm])  # NOSCRIPT -> SCRIPT LOAD on every node -> again
+        assert decision.failed is None
+        assert time.monotonic() - started < 0.5  # the hung node's SCRIPT LOAD is not waited for
+    finally:
+        own.procs[own.ports.index(hung)].send_signal(signal.SIGCONT)
+        await store.close()
         own.stop()
