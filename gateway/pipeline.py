@@ -80,6 +80,7 @@ class Limiter:
         # Settlements to replay after an outage, each with its id (the store books it at most once).
         self.backlog: deque[tuple[str, Sequence[Op]]] = deque(maxlen=100_000)
         self.replay_task: asyncio.Task[None] | None = None
+        self._replay_after = 0.0  # after a pass that booked nothing, the next waits a little
         self._limited: dict[tuple[str, str], metrics.Counter] = {}
         self.tasks: set[asyncio.Task[None]] = set()  # background settlements
 
@@ -194,7 +195,9 @@ class Limiter:
 
     def _replay_soon(self) -> None:
         if self.backlog and (self.replay_task is None or self.replay_task.done()):
-            self.replay_task = asyncio.get_running_loop().create_task(self._replay())
+            loop = asyncio.get_running_loop()
+            if loop.time() >= self._replay_after:
+                self.replay_task = loop.create_task(self._replay())
 
     async def _replay(self) -> None:
         """One task at a time replays the backlog. Each entry keeps its settlement id, so one that did
@@ -205,25 +208,40 @@ class Limiter:
         set_aside: deque[tuple[str, Sequence[Op]]] = deque()
         failing: set[str] = set()
         booked = False
-        while self.backlog:
-            entry = self.backlog.popleft()
-            tag = entry[1][0].key.split("}", 1)[0]
-            if tag in failing:
-                set_aside.append(entry)
-                continue
-            try:
-                await self.store.settle(entry[1], entry[0])
-                booked = True
-            except StoreScriptError:
-                log.error("replay_rejected")  # an entry Redis refuses must not block those behind it
-            except StoreUnavailable:
-                failing.add(tag)
-                set_aside.append(entry)
-                if not booked and len(failing) >= 3:
-                    break  # three hash tags failing and nothing booked: the store is down
-            except Exception:
-                log.exception("replay_failed")
-        self.backlog.extendleft(reversed(set_aside))  # tried first next time, in their order
+        try:
+            scanned = 0
+            while self.backlog:
+                entry = self.backlog.popleft()
+                tag = entry[1][0].key.split("}", 1)[0]
+                if tag in failing:
+                    set_aside.append(entry)
+                    scanned += 1
+                    if scanned % 1000 == 0:
+                        await asyncio.sleep(0)  # a long backlog never holds the event loop
+                    continue
+                try:
+                    await self.store.settle(entry[1], entry[0])
+                    booked = True
+                except StoreScriptError:
+                    log.error("replay_rejected")  # an entry Redis refuses must not block the rest
+                except StoreUnavailable:
+                    failing.add(tag)
+                    set_aside.append(entry)
+                    if not booked and len(failing) >= 3:
+                        break  # three hash tags failing and nothing booked: the store is down
+                except Exception:
+                    log.exception("replay_failed")
+        finally:
+            if not booked:  # nothing could be booked: the next pass waits a second
+                self._replay_after = asyncio.get_running_loop().time() + 1.0
+            # What was set aside goes first next time, in its order. Over the cap, the oldest go
+            # (as when the backlog overflows while Redis is down), and it is logged.
+            merged = deque(set_aside, maxlen=self.backlog.maxlen)
+            before = len(set_aside) + len(self.backlog)
+            merged.extend(self.backlog)
+            if len(merged) < before:
+                log.error("settlement_backlog_full", dropped=before - len(merged))
+            self.backlog = merged
 
 
 def _headers(ctx: RequestContext, checks: Sequence[Check], decision: Decision) -> None:
@@ -322,6 +340,7 @@ class Pipeline:
         including one more try at booking what an outage left behind."""
         limiter = self.limiter
         await limiter.store.settled()
+        limiter._replay_after = 0.0  # one more try now, whatever the last pass booked
         limiter._replay_soon()
         while limiter.tasks or (limiter.replay_task and not limiter.replay_task.done()):
             replay = [limiter.replay_task] if limiter.replay_task else []

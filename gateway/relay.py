@@ -13,6 +13,7 @@ request task and records why; comment lines never move it, so keep-alives cannot
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -128,11 +129,16 @@ async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 def _retry_after(headers: Any) -> float | None:
+    """Retry-After in seconds (the delay form); None when absent, not a number, negative or not
+    finite; at most a day."""
     value = headers.get("Retry-After")
     try:
-        return float(value) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None
+    if seconds is None or not 0 <= seconds < math.inf:  # also rejects nan
+        return None
+    return min(seconds, 86_400.0)
 
 
 async def _fail_on_status(target: Target, resp: aiohttp.ClientResponse) -> None:

@@ -44,13 +44,23 @@ class AttemptFailed(Exception):
 class CircuitBreaker:
     """Closed → (``failures`` consecutive failures) → open for ``cooldown`` → one trial → closed/open."""
 
-    __slots__ = ("cooldown", "failures", "gauge", "on_change", "open_until", "threshold", "trial")
+    __slots__ = (
+        "cooldown",
+        "failures",
+        "gauge",
+        "on_change",
+        "open_until",
+        "threshold",
+        "throttled",
+        "trial",
+    )
 
     def __init__(self, threshold: int, cooldown: float, gauge: metrics.Gauge | None = None) -> None:
         self.threshold, self.cooldown = threshold, cooldown
         self.failures = 0
         self.open_until = 0.0
         self.trial = False
+        self.throttled = False  # opened by the upstream's 429s (rate-limited, not broken)
         self.gauge = gauge
 
     @property
@@ -71,12 +81,14 @@ class CircuitBreaker:
         self.failures = 0
         self.trial = False
 
-    def failure(self) -> bool:
-        """Record a failure; return True if this opened (or re-opened) the circuit."""
+    def failure(self, throttled: bool = False) -> bool:
+        """Record a failure (``throttled``: an upstream 429); return True if this opened (or
+        re-opened) the circuit."""
         self.failures += 1
         self.trial = False
         if self.failures >= self.threshold:
             self.open_until = time.monotonic() + self.cooldown
+            self.throttled = throttled
             if self.gauge is not None:
                 self.gauge.set(1)
             return True
@@ -85,6 +97,10 @@ class CircuitBreaker:
     def release(self) -> None:
         """The trial ended without a verdict (the client left): let the next caller try."""
         self.trial = False
+
+    def reopens_in(self) -> float:
+        """Seconds until an open circuit lets a trial through."""
+        return max(0.0, self.open_until - time.monotonic())
 
 
 @dataclass(slots=True)
@@ -162,11 +178,18 @@ class Router:
         route = self.routes[ctx.model.name]
         last: AttemptFailed | None = None
         limited: UpstreamLimited | None = None
-        throttled = True  # so far every failed attempt was the upstream's 429
-        waits: list[float] = []  # the Retry-After values those 429s gave
+        # Whether every target so far was rate-limiting: answered 429, or skipped with a circuit its
+        # 429s opened (then the client gets a 429 to back off from, not a 502 or 503).
+        throttled, saw_throttle = True, False
+        waits: list[float] = []  # when each of them said (or its circuit lets a trial through)
         previous: Target | None = None
         for target in route.targets:
             if not target.breaker.allow():
+                if target.breaker.throttled:
+                    saw_throttle = True
+                    waits.append(target.breaker.reopens_in())
+                else:
+                    throttled = False
                 continue
             trial = target.breaker.trial  # this caller is the half-open circuit's one trial
             if previous is not None:
@@ -200,9 +223,12 @@ class Router:
                     result = await attempt(target)
                 except AttemptFailed as failure:
                     last = failure
-                    throttled = throttled and failure.outcome == "status_429"
-                    if failure.retry_after is not None:
-                        waits.append(failure.retry_after)
+                    if failure.outcome == "status_429":
+                        saw_throttle = True
+                        if failure.retry_after is not None:
+                            waits.append(failure.retry_after)
+                    else:
+                        throttled = False
                     if held is not None and self.upstream is not None:
                         ctx.upstream_held = None
                         self.upstream.give_back(held, 0)  # nothing was served: tokens and slot back
@@ -215,7 +241,7 @@ class Router:
                         outcome=failure.outcome,
                         attempt=ctx.attempts,
                     )
-                    if target.breaker.failure():
+                    if target.breaker.failure(throttled=failure.outcome == "status_429"):
                         log.warning(
                             "circuit_open",
                             provider=target.provider.name,
@@ -240,12 +266,9 @@ class Router:
                     log.info("circuit_closed", provider=target.provider.name, upstream_model=target.model)
                 target.breaker.success()
                 return result
-        if last is None and limited is not None:
-            metrics.RATE_LIMITED.labels(ctx.team or "none", "upstream").inc()
-            raise refused(limited, ctx.model.name)
-        if last is not None and throttled:
+        if saw_throttle and throttled:
             # Every upstream is rate-limiting (or at its gateway-wide limit): the client gets a 429 it
-            # can back off from — with the soonest Retry-After any of them gave — not a 502.
+            # can back off from — with the soonest Retry-After any of them gave — not a 502 or 503.
             metrics.RATE_LIMITED.labels(ctx.team or "none", "upstream").inc()
             if limited is not None:
                 waits.append(limited.retry_after)
@@ -254,6 +277,9 @@ class Router:
                 retry_after=min(waits, default=1.0),
                 code="upstream_rate_limited",
             )
+        if last is None and limited is not None:
+            metrics.RATE_LIMITED.labels(ctx.team or "none", "upstream").inc()
+            raise refused(limited, ctx.model.name)
         if last is None:
             why = (
                 "every target's circuit is open"

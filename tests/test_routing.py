@@ -256,6 +256,37 @@ async def test_every_target_rate_limiting_is_a_429_with_the_soonest_retry_after(
     assert upstream.state.calls("mock-a") == upstream.state.calls("mock-b") == 1
 
 
+async def test_circuits_opened_by_429s_answer_429_until_they_let_a_trial_through(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    cfg = two_targets(
+        upstream.url,
+        "mock-a:status=429,retry_after=2",
+        "mock-b:status=429,retry_after=3",
+        circuit_breaker={"failures": 1, "cooldown_seconds": 30},
+    )
+    gw = await make_gateway(cfg)
+    first = await fail(gw.client(), False)  # both answer 429: both circuits open
+    assert first.status_code == 429 and first.response.headers["retry-after"] == "2"
+    second = await fail(gw.client(), False)  # nothing is called: both circuits are open
+    assert second.status_code == 429  # not 503 "no available target"
+    assert error_of(second)["code"] == "upstream_rate_limited"
+    assert 28 <= int(second.response.headers["retry-after"]) <= 30  # when a trial is let through
+    assert upstream.state.calls("mock-a") == upstream.state.calls("mock-b") == 1
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-5", "1e999"])
+async def test_a_retry_after_that_is_not_a_usable_number_is_ignored(
+    upstream: Upstream, make_gateway: MakeGateway, value: str
+) -> None:
+    gw = await make_gateway(
+        two_targets(upstream.url, f"mock-a:status=429,retry_after={value}", "mock-b:status=429")
+    )
+    exc = await fail(gw.client(), False)
+    assert exc.status_code == 429  # not a 500 from converting it
+    assert exc.response.headers["retry-after"] == "1"
+
+
 async def test_a_429_and_another_failure_is_still_a_502(
     upstream: Upstream, make_gateway: MakeGateway
 ) -> None:

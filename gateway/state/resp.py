@@ -87,6 +87,9 @@ class RespPipe:
     def ready(self) -> bool:
         return self._ready
 
+    def is_closed(self) -> bool:
+        return self.closed
+
     def at(self, host: str, port: int) -> RespPipe:
         """A pipe to another node with the same credentials and TLS (Redis Cluster)."""
         pipe = RespPipe("redis://", timeout=self.timeout)
@@ -149,7 +152,13 @@ class RespPipe:
                 raise StoreUnavailable("redis unreachable")
             task = self._connecting = asyncio.get_running_loop().create_task(self._open())
             task.add_done_callback(self._opened)
-        await asyncio.shield(self._connecting)
+        try:
+            await asyncio.shield(self._connecting)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self.is_closed() and me is not None and not me.cancelling():
+                raise StoreUnavailable("closed") from None  # the attempt stopped with the pipe
+            raise
 
     def _opened(self, task: asyncio.Task[None]) -> None:
         self._connecting = None
@@ -207,6 +216,8 @@ class RespPipe:
 
     def close(self) -> None:
         self.closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()  # its waiting callers fail now, not after the connect timeout
         transport = self._transport
         self.lost("closed")
         if transport is not None:
