@@ -208,6 +208,7 @@ class Limiter:
         set_aside: deque[tuple[str, Sequence[Op]]] = deque()
         failing: set[str] = set()
         booked = False
+        inflight: tuple[str, Sequence[Op]] | None = None  # being booked when the pass was cancelled
         try:
             scanned = 0
             while self.backlog:
@@ -219,6 +220,7 @@ class Limiter:
                     if scanned % 1000 == 0:
                         await asyncio.sleep(0)  # a long backlog never holds the event loop
                     continue
+                inflight = entry
                 try:
                     await self.store.settle(entry[1], entry[0])
                     booked = True
@@ -228,12 +230,18 @@ class Limiter:
                     failing.add(tag)
                     set_aside.append(entry)
                     if not booked and len(failing) >= 3:
+                        inflight = None
                         break  # three hash tags failing and nothing booked: the store is down
                 except Exception:
                     log.exception("replay_failed")
+                inflight = None  # (a cancellation skips this: the entry is kept below)
         finally:
-            if not booked:  # nothing could be booked: the next pass waits a second
-                self._replay_after = asyncio.get_running_loop().time() + 1.0
+            if inflight is not None:  # cancelled while booking it: kept (its id prevents double booking)
+                set_aside.append(inflight)
+            if not booked:  # nothing could be booked: the next pass waits a second, then runs anyway
+                loop = asyncio.get_running_loop()
+                self._replay_after = loop.time() + 1.0
+                loop.call_later(1.0, self._replay_soon)
             # What was set aside goes first next time, in its order. Over the cap, the oldest go
             # (as when the backlog overflows while Redis is down), and it is logged.
             merged = deque(set_aside, maxlen=self.backlog.maxlen)

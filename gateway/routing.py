@@ -45,6 +45,7 @@ class CircuitBreaker:
     """Closed → (``failures`` consecutive failures) → open for ``cooldown`` → one trial → closed/open."""
 
     __slots__ = (
+        "_run_throttled",
         "cooldown",
         "failures",
         "gauge",
@@ -60,7 +61,8 @@ class CircuitBreaker:
         self.failures = 0
         self.open_until = 0.0
         self.trial = False
-        self.throttled = False  # opened by the upstream's 429s (rate-limited, not broken)
+        self.throttled = False  # opened by the upstream's 429s alone (rate-limited, not broken)
+        self._run_throttled = True  # every failure of the current run was a 429
         self.gauge = gauge
 
     @property
@@ -86,9 +88,10 @@ class CircuitBreaker:
         re-opened) the circuit."""
         self.failures += 1
         self.trial = False
+        self._run_throttled = throttled if self.failures == 1 else self._run_throttled and throttled
         if self.failures >= self.threshold:
             self.open_until = time.monotonic() + self.cooldown
-            self.throttled = throttled
+            self.throttled = self._run_throttled
             if self.gauge is not None:
                 self.gauge.set(1)
             return True
@@ -185,11 +188,9 @@ class Router:
         previous: Target | None = None
         for target in route.targets:
             if not target.breaker.allow():
-                if target.breaker.throttled:
+                if target.breaker.throttled:  # (one opened by failures is just skipped, as before)
                     saw_throttle = True
                     waits.append(target.breaker.reopens_in())
-                else:
-                    throttled = False
                 continue
             trial = target.breaker.trial  # this caller is the half-open circuit's one trial
             if previous is not None:

@@ -287,6 +287,21 @@ async def test_a_retry_after_that_is_not_a_usable_number_is_ignored(
     assert exc.response.headers["retry-after"] == "1"
 
 
+async def test_a_429_beside_a_circuit_opened_by_errors_is_still_a_429(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    cfg = two_targets(
+        upstream.url, "mock-a:status=500", "mock-b:status=429,retry_after=4", circuit_breaker={"failures": 1}
+    )
+    gw = await make_gateway(cfg)
+    assert (await fail(gw.client(), False)).status_code == 502  # a real failure and a 429
+    # Both circuits are open now: A's by an error (skipped, no say), B's by its 429 (rate-limited).
+    second = await fail(gw.client(), False)
+    assert second.status_code == 429  # not 503 "no available target"
+    assert 28 <= int(second.response.headers["retry-after"]) <= 30  # B's cooldown
+    assert upstream.state.calls("mock-a") == upstream.state.calls("mock-b") == 1
+
+
 async def test_a_429_and_another_failure_is_still_a_502(
     upstream: Upstream, make_gateway: MakeGateway
 ) -> None:

@@ -382,5 +382,41 @@ async def test_a_replay_pass_that_books_nothing_keeps_everything_and_waits_befor
         # so a long backlog is not walked again on every request while Redis is down.
         limiter._replay_soon()
         assert limiter.replay_task is first
+        await asyncio.sleep(1.2)  # ... but a pass does run again after it, with no trigger at all
+        assert limiter.replay_task is not first
+        await limiter.replay_task
+        assert list(limiter.backlog) == entries
     finally:
         await store.close()
+
+
+async def test_a_replay_cancelled_while_booking_an_entry_keeps_it() -> None:
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)  # takes the command, never answers
+        await done.wait()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", "t-cancel", timeout=5.0)
+    limiter = Limiter(store)
+    entries = [(new_settle_id(), [Op("incr", "t-cancel:{team}:usd", (1.0, 60))]) for _ in range(3)]
+    limiter.backlog.extend(entries)
+    try:
+        limiter._replay_soon()
+        task = limiter.replay_task
+        assert task is not None
+        await asyncio.sleep(0.2)  # the first entry is on its way to the (silent) store
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert list(limiter.backlog) == entries  # the one being booked is kept, in its place
+    finally:
+        await store.close()
+        done.set()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.05)  # the handler closes its side
