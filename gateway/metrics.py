@@ -79,3 +79,8 @@ CIRCUIT_OPEN = Gauge(
     multiprocess_mode="max",
 )
 REDIS_ERRORS = Counter("llm_gateway_redis_errors", "Failed state-store operations.", ["operation"])
+SETTLEMENT_BACKLOG = Gauge(
+    "llm_gateway_settlement_backlog",
+    "Settlements (spend, usage, limit reconciliations) kept in memory until the state store books them.",
+    multiprocess_mode="livesum",
+)

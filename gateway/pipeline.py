@@ -174,6 +174,7 @@ class Limiter:
 
     def _unsettled(self, settle_id: str, ops: Sequence[Op]) -> None:
         self.backlog.append((settle_id, ops))  # replayed once the store answers again: nothing is lost
+        metrics.SETTLEMENT_BACKLOG.set(len(self.backlog))
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
@@ -189,7 +190,7 @@ class Limiter:
             log.error("settle_rejected", request_id=request_id)  # replaying it would fail again
             return
         except StoreUnavailable:
-            self.backlog.append((settle_id, ops))
+            self._unsettled(settle_id, ops)
             return
         self._replay_soon()
 
@@ -250,6 +251,7 @@ class Limiter:
             if len(merged) < before:
                 log.error("settlement_backlog_full", dropped=before - len(merged))
             self.backlog = merged
+            metrics.SETTLEMENT_BACKLOG.set(len(merged))
 
 
 def _headers(ctx: RequestContext, checks: Sequence[Check], decision: Decision) -> None:

@@ -247,6 +247,7 @@ EXPECTED_ALERTS = {
     "LLMGatewayProviderAllCircuitsOpen",
     "LLMGatewayCircuitOpen",
     "LLMGatewayRedisDown",
+    "LLMGatewaySettlementBacklog",
     "LLMGatewayBudgetExhausted",
     "LLMGatewayBudgetNearExhaustion",
     "LLMGatewayHighSpendRate",
@@ -404,6 +405,7 @@ def _scenarios() -> list[dict[str, Any]]:
             "input_series": [
                 UP,
                 _series("llm_gateway_redis_errors_total", "0+10x10 100x200", operation="script"),
+                _series("llm_gateway_settlement_backlog", "5x200"),
                 _series("llm_gateway_rate_limited_total", "0+1x200", team="a", limit="budget"),
                 _series("llm_gateway_rate_limited_total", "0+5x200", team="b", limit="rpm"),
                 _series(cost, "0+0.05x200", team="a", model="chat"),
@@ -420,6 +422,7 @@ def _scenarios() -> list[dict[str, Any]]:
                     {"alertname": "LLMGatewayBudgetExhausted", "team": "a", **warn},
                     {"alertname": "LLMGatewayBudgetNearExhaustion", "team": "a", **warn},
                     {"alertname": "LLMGatewayHighSpendRate", "team": "a", **warn},
+                    {"alertname": "LLMGatewaySettlementBacklog", **warn},
                 ),
             ],
         },

@@ -378,6 +378,7 @@ async def test_a_replay_pass_that_books_nothing_keeps_everything_and_waits_befor
         assert first is not None
         await first
         assert list(limiter.backlog) == entries  # nothing lost, nothing reordered
+        assert REGISTRY.get_sample_value("llm_gateway_settlement_backlog") == 2500  # what operators see
         # Admissions served by the local limiter keep asking for a replay: no new pass for a second,
         # so a long backlog is not walked again on every request while Redis is down.
         limiter._replay_soon()
