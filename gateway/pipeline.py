@@ -81,6 +81,8 @@ class Limiter:
         self.backlog: deque[tuple[str, Sequence[Op]]] = deque(maxlen=100_000)
         self.replay_task: asyncio.Task[None] | None = None
         self._replay_after = 0.0  # after a pass that booked nothing, the next waits a little
+        self._replay_timer: asyncio.TimerHandle | None = None
+        self.closed = False  # the store is closing: no more replay passes
         self._limited: dict[tuple[str, str], metrics.Counter] = {}
         self.tasks: set[asyncio.Task[None]] = set()  # background settlements
 
@@ -197,8 +199,14 @@ class Limiter:
     def _replay_soon(self) -> None:
         if self.backlog and (self.replay_task is None or self.replay_task.done()):
             loop = asyncio.get_running_loop()
-            if loop.time() >= self._replay_after:
+            if loop.time() >= self._replay_after and not self.closed:
                 self.replay_task = loop.create_task(self._replay())
+
+    def close(self) -> None:
+        """After the last drain: no more replay passes (the store is about to close)."""
+        self.closed = True
+        if self._replay_timer is not None:
+            self._replay_timer.cancel()
 
     async def _replay(self) -> None:
         """One task at a time replays the backlog. Each entry keeps its settlement id, so one that did
@@ -242,7 +250,8 @@ class Limiter:
             if not booked:  # nothing could be booked: the next pass waits a second, then runs anyway
                 loop = asyncio.get_running_loop()
                 self._replay_after = loop.time() + 1.0
-                loop.call_later(1.0, self._replay_soon)
+                if not self.closed:
+                    self._replay_timer = loop.call_later(1.0, self._replay_soon)
             # What was set aside goes first next time, in its order. Over the cap, the oldest go
             # (as when the backlog overflows while Redis is down), and it is logged.
             merged = deque(set_aside, maxlen=self.backlog.maxlen)

@@ -86,9 +86,12 @@ class CircuitBreaker:
     def failure(self, throttled: bool = False) -> bool:
         """Record a failure (``throttled``: an upstream 429); return True if this opened (or
         re-opened) the circuit."""
+        # A half-open trial starts a new run: its verdict alone says whether the circuit reopens
+        # rate-limited or broken.
+        fresh = self.failures == 0 or self.trial
         self.failures += 1
         self.trial = False
-        self._run_throttled = throttled if self.failures == 1 else self._run_throttled and throttled
+        self._run_throttled = throttled if fresh else self._run_throttled and throttled
         if self.failures >= self.threshold:
             self.open_until = time.monotonic() + self.cooldown
             self.throttled = self._run_throttled

@@ -258,6 +258,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if mock_runner is not None:
         await mock_runner.cleanup()
     await gw.pipeline.drain()
+    gw.pipeline.limiter.close()
     await gw.auth.close()
     await gw.store.close()
 

@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.routing import CircuitBreaker
 from tests.conftest import PROVIDER_KEY, RunningGateway, Upstream
 
 SECOND_KEY = "sk-second-provider-secret-fedcba9876543210"
@@ -657,3 +658,16 @@ async def test_raw_aiohttp_client_sees_the_same_fallback(
         body = await resp.json()
         assert body["choices"][0]["message"]["content"] == ANSWER
         assert resp.headers["x-gateway-provider"] == "secondary"
+
+
+def test_a_circuit_is_rate_limited_only_if_every_failure_of_its_run_was_a_429() -> None:
+    mixed = CircuitBreaker(threshold=2, cooldown=0.0)
+    mixed.failure()
+    mixed.failure(throttled=True)
+    assert mixed.failures == 2 and not mixed.throttled  # an error and a 429 opened it: broken
+    assert mixed.allow() and mixed.trial  # cooldown over: the half-open trial ...
+    mixed.failure(throttled=True)  # ... answers 429: a new run, rate-limited
+    assert mixed.throttled
+    assert mixed.allow()
+    mixed.failure()  # the next trial fails with an error: broken again
+    assert not mixed.throttled
