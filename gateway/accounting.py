@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from typing import Any
 
 from gateway.config import Pricing
 from gateway.context import RequestContext, Usage
@@ -13,6 +14,42 @@ def estimate_prompt_tokens(body_bytes: int) -> int:
     # ~4 bytes per token of JSON body: an over-estimate (keys, quoting), which is the safe side
     # for a reservation that is reconciled with the real usage afterwards.
     return max(1, body_bytes // 4)
+
+
+def requested_output(body: dict[str, Any]) -> int:
+    value = body.get("max_completion_tokens") or body.get("max_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def fits_window(body: dict[str, Any], window: int) -> bool:
+    """Whether a chat request can fit a context window: its prompt estimate plus the requested output.
+
+    The estimate is a floor, never above the truth, so a request that fits is never refused: it counts
+    whitespace-separated words of the messages' text, and every tokenizer the gateway fronts (byte-level
+    BPE with a word-splitting pre-tokenizer: GPT, DeepSeek, Llama, Claude) spends at least one token per
+    word. English prose runs ~1.3 tokens a word, code and other scripts more, so the floor is ~25 % low
+    or lower; a request in that gap goes upstream and the upstream's own context-length error triggers
+    the same fallback. A word needs at least two characters with its separator, so the words are
+    counted only when half the text's length could matter.
+    """
+    output = requested_output(body)
+    texts = _texts(body.get("messages"))
+    if sum((len(t) + 1) // 2 for t in texts) + output <= window:
+        return True
+    return sum(len(t.split()) for t in texts) + output <= window
+
+
+def _texts(messages: Any) -> list[str]:
+    texts: list[str] = []
+    if not isinstance(messages, list):
+        return texts
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return texts
 
 
 def reserve_tokens(ctx: RequestContext, tpm: int, default_max_tokens: int) -> int:
@@ -29,10 +66,13 @@ def reserve_tokens(ctx: RequestContext, tpm: int, default_max_tokens: int) -> in
     return prompt + completion
 
 
-def cost_usd(pricing: Pricing, usage: Usage) -> float:
-    """The upstream's own figure when it reports one (OpenRouter ``usage.cost``), else the price table."""
+def cost_usd(pricing: Pricing | None, usage: Usage) -> float:
+    """The upstream's own figure when it reports one (OpenRouter ``usage.cost``), else the price table
+    (a model with no price known anywhere costs nothing)."""
     if usage.cost_usd is not None:
         return usage.cost_usd
+    if pricing is None:
+        return 0.0
     cached = min(usage.cached_tokens, usage.prompt_tokens)
     cached_price = (
         pricing.input_per_mtok if pricing.cached_input_per_mtok is None else pricing.cached_input_per_mtok

@@ -102,12 +102,45 @@ class Authenticator:
             return await self._from_jwt(token)
         return await self._from_key(token)
 
-    async def _from_key(self, token: str) -> Identity:
+    async def principal(self, headers: CIMultiDictProxy[str]) -> tuple[Identity, dict[str, Any]]:
+        """Identify the caller, and describe them so ``from_principal`` can identify them again later
+        (a browser's stream ticket) without keeping the credential: a key's SHA-256 (the form keys
+        are stored in anyway), or a token's team and expiry."""
+        token = presented_key(headers)
+        identity = await self.identify(headers)
+        assert token is not None
+        if self.jwt is not None and token.count(".") == 2 and token.startswith("eyJ"):
+            exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+            team = identity.team.id if identity.team else None
+            return identity, {"team": team, "exp": exp if isinstance(exp, int | float) else None}
+        return identity, {"digest": self._digest(token)}
+
+    async def from_principal(self, principal: dict[str, Any]) -> Identity:
+        """The identity ``principal`` described, checked again now (a key revoked since is refused)."""
+        digest = principal.get("digest")
+        if isinstance(digest, str):
+            return await self._from_digest(digest)
+        exp = principal.get("exp")
+        if isinstance(exp, int | float) and exp <= time.time():
+            raise AuthenticationFailed("the token has expired", code="token_expired")
+        team_id = principal.get("team")
+        team = await self.team(team_id) if isinstance(team_id, str) else None
+        if team is None:
+            raise AuthenticationFailed("the token's team is unknown", code="unknown_team")
+        return Identity(team=team)
+
+    def _digest(self, token: str) -> str:
         digest = self._digests.get(token)
         if digest is None:
             if len(self._digests) >= 10_000:
                 self._digests.clear()  # bounded: a flood of random keys cannot grow it
             digest = self._digests[token] = hash_key(token)
+        return digest
+
+    async def _from_key(self, token: str) -> Identity:
+        return await self._from_digest(self._digest(token))
+
+    async def _from_digest(self, digest: str) -> Identity:
         if self.master_hash and hmac.compare_digest(digest, self.master_hash):
             return Identity(team=None, admin=True)
         team_id = self.config_keys.get(digest)

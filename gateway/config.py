@@ -63,6 +63,17 @@ class Pricing:
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
     cached_input_per_mtok: float | None = None
+    image_per_mtok: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilitiesConfig:
+    """``models[].capabilities`` as configured; None: take the shipped default (gateway.capabilities)."""
+
+    max_output_tokens: int | None = None
+    strengths: tuple[str, ...] | None = None
+    use_cases: tuple[str, ...] | None = None
+    multimodal: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +89,13 @@ class ModelCacheConfig:
 class ModelConfig:
     name: str
     targets: tuple[TargetConfig, ...]
-    pricing: Pricing = Pricing()
+    # None: not configured. gateway.capabilities fills both from the shipped defaults (config wins),
+    # so at run time a routed model's pricing is always set.
+    pricing: Pricing | None = None
     context_window: int | None = None
     cache: ModelCacheConfig = ModelCacheConfig()
+    context_window_fallback: str | None = None  # a larger-window model for requests that do not fit
+    capabilities: CapabilitiesConfig = CapabilitiesConfig()
 
 
 @dataclass(frozen=True, slots=True)

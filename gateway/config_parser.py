@@ -21,6 +21,7 @@ from gateway.config import (
     PROVIDER_TYPES,
     Budgets,
     CacheConfig,
+    CapabilitiesConfig,
     CircuitBreakerConfig,
     Config,
     ConfigError,
@@ -199,7 +200,9 @@ def _provider(r: _Reader) -> ProviderConfig:
 
 
 def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
-    r.known("name", "targets", "pricing", "context_window", "cache")
+    r.known(
+        "name", "targets", "pricing", "context_window", "context_window_fallback", "capabilities", "cache"
+    )
     targets = []
     for t in r.items("targets"):
         t.known("provider", "model", "limits")
@@ -213,15 +216,10 @@ def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
         targets.append(target)
     if not targets:
         r.problem("targets", "needs at least one target")
-    p = r.child("pricing")
-    p.known("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
-    cached = p.get("cached_input_per_mtok", float, -1.0)
-    pricing = Pricing(
-        p.get("input_per_mtok", float, 0.0),
-        p.get("output_per_mtok", float, 0.0),
-        None if cached < 0 else cached,
-    )
+    pricing = _pricing(r.child("pricing")) if r.data.get("pricing") is not None else None
     window = r.get("context_window", int, 0)
+    if "context_window" in r.data and r.data["context_window"] not in (None, "") and window < 1:
+        r.problem("context_window", "must be at least 1 (omit it for no limit)")
     mc = r.child("cache")
     mc.known("enabled", "ttl_seconds", "deterministic_only")
     unset_b: bool | None = None
@@ -231,7 +229,62 @@ def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
         mc.get("ttl_seconds", int, unset_i),
         mc.get("deterministic_only", bool, unset_b),
     )
-    return ModelConfig(r.get("name", str, "", required=True), tuple(targets), pricing, window or None, cache)
+    return ModelConfig(
+        r.get("name", str, "", required=True),
+        tuple(targets),
+        pricing,
+        window or None,
+        cache,
+        context_window_fallback=r.get("context_window_fallback", str, "") or None,
+        capabilities=_capabilities(r.child("capabilities")),
+    )
+
+
+def _pricing(p: _Reader) -> Pricing:
+    p.known("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "image_per_mtok")
+    cached = p.get("cached_input_per_mtok", float, -1.0)
+    image = p.get("image_per_mtok", float, -1.0)
+    return Pricing(
+        p.get("input_per_mtok", float, 0.0),
+        p.get("output_per_mtok", float, 0.0),
+        None if cached < 0 else cached,
+        None if image < 0 else image,
+    )
+
+
+def _capabilities(r: _Reader) -> CapabilitiesConfig:
+    r.known("max_output_tokens", "strengths", "use_cases", "multimodal")
+    none_i: int | None = None
+    none_b: bool | None = None
+    caps = CapabilitiesConfig(
+        max_output_tokens=r.get("max_output_tokens", int, none_i),
+        strengths=r.strings("strengths"),
+        use_cases=r.strings("use_cases"),
+        multimodal=r.get("multimodal", bool, none_b),
+    )
+    if caps.max_output_tokens is not None and caps.max_output_tokens < 1:
+        r.problem("max_output_tokens", "must be at least 1 (omit it to use the shipped default)")
+    return caps
+
+
+def _window_fallbacks(r: _Reader, models: list[ModelConfig]) -> None:
+    """``context_window_fallback`` names another model, and following the chain never loops."""
+    by_name = {m.name: m for m in models}
+    for i, model in enumerate(models):
+        name = model.context_window_fallback
+        if name is None:
+            continue
+        where = f"models[{i}].context_window_fallback"
+        if name not in by_name:
+            r.problems.append(f"{where}: unknown model {name!r}")
+            continue
+        seen = {model.name}
+        while name is not None and name in by_name:
+            if name in seen:
+                r.problems.append(f"{where}: the fallback chain loops back to {name!r}")
+                break
+            seen.add(name)
+            name = by_name[name].context_window_fallback
 
 
 def _limits(r: _Reader) -> Limits:
@@ -461,6 +514,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         root.problem("models", "needs at least one model")
     _unique(root, "models", [m.name for m in models])
     _target_limits_agree(root, models)
+    _window_fallbacks(root, models)
     model_names = {m.name for m in models}
 
     teams = [_team(t, model_names) for t in root.items("teams")]

@@ -68,6 +68,8 @@ class RequestContext:
     body_size: int = 0
     stream: bool = False
     started: float = field(default_factory=time.perf_counter)
+    # Set by a surface that identified the caller another way (a browser's stream ticket); auth uses it.
+    presented: Identity | None = None
     # Filled by the plugins (auth, limits) ...
     identity: Identity | None = None
     team: str | None = None

@@ -12,7 +12,14 @@
     ├── UpstreamError                 502/503/504 upstream_error     (given)
     └── PassThroughError              the upstream's 4xx, normalised to OpenAI's shape
 
-Messages are written by the gateway and never contain secrets or upstream stack traces.
+Messages are written by the gateway and never contain secrets or upstream stack traces. The native
+API (``/api/v1``) shows the same errors in its own shape (``native_body``): same status and ``code``,
+with the platform's ``LLMErrorType``:
+
+    CONTEXT_LENGTH   400 context_length_exceeded     MODEL_NOT_FOUND  404
+    CONTENT_FILTER   400 content_filter              RATE_LIMIT       429 (limits and budgets)
+    INVALID_REQUEST  other 4xx (400 401 403 405 413) PROVIDER_ERROR   502 503
+    TIMEOUT          504                             UNKNOWN          anything else (500)
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ class GatewayError(Exception):
 
     def to_response(self) -> web.Response:
         return web.Response(status=self.status, body=self.body(), content_type=JSON, headers=self.headers)
+
+    def to_native_response(self, request_id: str, provider: str | None) -> web.Response:
+        body = native_body(self.status, self.message, self.code, request_id, provider)
+        return web.Response(status=self.status, body=body, content_type=JSON, headers=self.headers)
 
 
 class InvalidRequest(GatewayError):
@@ -112,11 +123,72 @@ class PassThroughError(GatewayError):
     """An upstream's own 4xx answer (already normalised to OpenAI's shape), relayed to the client."""
 
     def __init__(self, body: bytes, *, status: int) -> None:
-        super().__init__("upstream rejected the request", status=status)
+        message, code = "upstream rejected the request", None
+        try:
+            err = orjson.loads(body)["error"]
+            message, code = str(err["message"]), err.get("code")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            pass
+        self.context_length = status in (400, 413, 422) and _says_context_length(message, code)
+        if self.context_length:  # one code for it, whichever upstream's words said it
+            code = CONTEXT_LENGTH_EXCEEDED
+            body = error_body(message, "invalid_request_error", code, "messages")
+        super().__init__(message, status=status, code=None if code is None else str(code))
         self._body = body
 
     def body(self) -> bytes:
         return self._body
+
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+# How upstreams word a prompt that does not fit: OpenAI's code, DeepSeek's and OpenRouter's messages
+# ("maximum context length is N tokens"), Anthropic's ("prompt is too long").
+_CONTEXT_PHRASES = (
+    "context_length_exceeded",
+    "maximum context length",
+    "context length",
+    "prompt is too long",
+)
+
+
+def _says_context_length(message: str, code: object) -> bool:
+    text = f"{code} {message}".lower()
+    return any(p in text for p in _CONTEXT_PHRASES)
+
+
+def native_type(status: int, code: str | None) -> str:
+    """The platform's ``LLMErrorType`` for a status and code (the table in this module's docstring)."""
+    if code == CONTEXT_LENGTH_EXCEEDED:
+        return "CONTEXT_LENGTH"
+    if code == "content_filter":
+        return "CONTENT_FILTER"
+    if status == 404:
+        return "MODEL_NOT_FOUND"
+    if status == 429:
+        return "RATE_LIMIT"
+    if status in (502, 503):
+        return "PROVIDER_ERROR"
+    if status == 504:
+        return "TIMEOUT"
+    if 400 <= status < 500:
+        return "INVALID_REQUEST"
+    return "UNKNOWN"
+
+
+def native_body(status: int, message: str, code: str | None, request_id: str, provider: str | None) -> bytes:
+    """The native API's error: ``{"error": {type, code, message, provider, requestId}}``."""
+    message, code = REDACTOR.clean([message, code])
+    return orjson.dumps(
+        {
+            "error": {
+                "type": native_type(status, code),
+                "code": code,
+                "message": message,
+                "provider": provider,
+                "requestId": request_id,
+            }
+        }
+    )
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:

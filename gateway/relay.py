@@ -17,7 +17,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -286,17 +286,39 @@ def _close(resp: aiohttp.ClientResponse | None) -> None:
         resp.close()  # drop the connection: an unread body must not go back to the pool
 
 
-async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream) -> web.StreamResponse:
-    """Write the stream to the client as it arrives. Failures after this point become SSE errors."""
+class StreamShape(Protocol):
+    """How a surface other than OpenAI's shows a relayed stream (``formats.native.NativeStream``)."""
+
+    def feed(self, data: bytes) -> bytes:
+        """Whole upstream events in (OpenAI chunks), the client's events out."""
+
+    def error(self, status: int, message: str, code: str | None) -> bytes:
+        """The event for a failure after the first byte."""
+
+    def end(self, ctx: RequestContext) -> bytes:
+        """The last event of a stream that ended cleanly (usage and cost are known by then)."""
+
+
+async def relay_stream(
+    request: web.Request, ctx: RequestContext, up: OpenStream, shape: StreamShape | None = None
+) -> web.StreamResponse:
+    """Write the stream to the client as it arrives. Failures after this point become SSE errors.
+
+    Without a ``shape`` the upstream's bytes go out untouched; with one, each forwarded piece is
+    translated (the cache still records the upstream's OpenAI events)."""
     response = web.StreamResponse(headers={**SSE_HEADERS, **ctx.response_headers})
     loop = asyncio.get_running_loop()
     scanner, wd, content = up.scanner, up.watchdog, up.resp.content
     failure: str | None = None
     cut = False
     record = ctx.record  # the cache keeps what the client saw, to replay it
+
+    def error_event(status: int, message: str, code: str) -> bytes:
+        return shape.error(status, message, code) if shape else sse_error_event(message, code=code)
+
     try:
         await response.prepare(request)
-        await response.write(up.head)
+        await response.write(shape.feed(up.head) if shape else up.head)
         if record is not None:
             record.append(up.head)
         while True:
@@ -306,7 +328,7 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
                 # else may be half an event, so it is replaced by the error event below.
                 tail = scanner.finish()
                 if tail and scanner.done:
-                    await response.write(tail)
+                    await response.write(shape.feed(tail) if shape else tail)
                 cut = bool(tail) and not scanner.done
                 break
             seen = scanner.data_events
@@ -318,32 +340,33 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
                 else:
                     wd.move(up.total_deadline, "total")
             if out:
-                await response.write(out)
                 if record is not None:
                     record.append(out)
+                if shape is not None:
+                    out = shape.feed(out)
+                    if not out:
+                        continue
+                await response.write(out)
         if scanner.error is not None and not cut:
             failure = "upstream_stream_error"
         elif not scanner.done:
             failure = "upstream_incomplete"
             await response.write(
-                sse_error_event("the upstream stream ended before completion", code="upstream_incomplete")
+                error_event(502, "the upstream stream ended before completion", "upstream_incomplete")
             )
     except asyncio.CancelledError:
         if not wd.absorb():
             raise  # the client went away: the finally below frees the upstream connection
         failure = f"upstream_{wd.expired}_timeout"
         await response.write(
-            sse_error_event(
-                f"the upstream sent no data within the {wd.expired} timeout",
-                code="upstream_timeout",
-            )
+            error_event(504, f"the upstream sent no data within the {wd.expired} timeout", "upstream_timeout")
         )
     except ConnectionResetError:
         raise  # our write to a client that left
     except aiohttp.ClientError:
         failure = "upstream_connection_lost"
         await response.write(
-            sse_error_event("the upstream connection was lost mid-stream", code="upstream_connection_lost")
+            error_event(502, "the upstream connection was lost mid-stream", "upstream_connection_lost")
         )
     finally:
         wd.stop()
@@ -351,6 +374,8 @@ async def relay_stream(request: web.Request, ctx: RequestContext, up: OpenStream
         ctx.usage = Usage.from_json(scanner.usage) or _partial_usage(ctx, scanner)
     ctx.error = failure
     ctx.complete = failure is None and scanner.done and scanner.error is None
+    if shape is not None and ctx.complete:
+        await response.write(shape.end(ctx))
     await response.write_eof()
     return response
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.auth import Authenticator
+from gateway.capabilities import Catalog
 from gateway.config import Config
 from gateway.context import RequestContext
+from gateway.performance import Performance
 from gateway.pipeline import Pipeline
 from gateway.probes import Prober
 from gateway.providers import Provider
@@ -27,6 +29,8 @@ class Gateway:
     pipeline: Pipeline
     prober: Prober
     cache: CacheStore
+    catalog: Catalog
+    performance: Performance = field(default_factory=Performance)
     models_body: bytes = b""
     ready: bool = False  # providers started
     draining: bool = False  # SIGTERM received: finishing in-flight work

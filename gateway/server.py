@@ -22,9 +22,10 @@ from aiohttp.typedefs import Handler
 import plugins
 from gateway import metrics
 from gateway.accounting import cost_usd
-from gateway.api import admin, health, openai, usage
+from gateway.api import admin, health, native, openai, usage
 from gateway.api.openai import gateway_headers
 from gateway.auth import Authenticator
+from gateway.capabilities import Catalog
 from gateway.config import Config
 from gateway.context import RequestContext
 from gateway.errors import (
@@ -33,7 +34,6 @@ from gateway.errors import (
     NotFound,
     RequestTooLarge,
     ServiceUnavailable,
-    error_body,
 )
 from gateway.logging import ACCESS, REDACTOR
 from gateway.pipeline import Limiter, Pipeline, Services
@@ -119,6 +119,15 @@ def _http_error(exc: web.HTTPException) -> GatewayError:
     return GatewayError(exc.reason, status=exc.status)
 
 
+def _error_response(request: web.Request, rid: str, exc: GatewayError) -> web.Response:
+    """The one translation of a failure to the client's API: native JSON under ``/api/v1``'s
+    completion and model routes, OpenAI's shape everywhere else."""
+    if request.path.startswith(native.PREFIXES):
+        ctx = request.get(CONTEXT)
+        return exc.to_native_response(rid, ctx.provider if ctx is not None else None)
+    return exc.to_response()
+
+
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request.headers.get("x-request-id")
@@ -132,23 +141,23 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
         except GatewayError as exc:
-            response = exc.to_response()
+            response = _error_response(request, rid, exc)
         except StoreUnavailable:
-            response = ServiceUnavailable(
-                "the state store is unavailable; try again shortly", code="state_store_unavailable"
-            ).to_response()
+            response = _error_response(
+                request,
+                rid,
+                ServiceUnavailable(
+                    "the state store is unavailable; try again shortly", code="state_store_unavailable"
+                ),
+            )
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            response = _http_error(exc).to_response()
+            response = _error_response(request, rid, _http_error(exc))
         except Exception:
             # Never a stack trace to the client; the log line carries the request id to find it.
             log.exception("unhandled_error", request_id=rid, path=request.path)
-            response = web.Response(
-                status=500,
-                content_type="application/json",
-                body=error_body("internal error", "server_error", "internal_error"),
-            )
+            response = _error_response(request, rid, GatewayError("internal error", code="internal_error"))
         status = response.status
         if not response.prepared:
             ctx = request.get(CONTEXT)
@@ -196,7 +205,14 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
     usage = ctx.usage
     if usage is not None and ctx.cost_usd is None and ctx.cache != "hit":
         ctx.cost_usd = cost_usd(ctx.model.pricing, usage)
-    settling = request.app[GATEWAY].pipeline.finish(ctx)
+    gw = request.app[GATEWAY]
+    settling = gw.pipeline.finish(ctx)
+    # A sample of the model's performance: an answer, or the upstreams' failure (a client's 4xx says
+    # nothing about the model).
+    if ctx.provider is not None and ctx.cache != "hit" and ctx.endpoint == "chat" and not 400 <= status < 500:
+        gw.performance.observe(
+            ctx.model.name, elapsed, ctx.ttft, usage.completion_tokens if usage else None, status >= 500
+        )
     _request_metrics.observe(
         ctx.model.name, ctx.provider or "none", status, ctx.team or "none", elapsed, ctx.ttft
     )
@@ -263,6 +279,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await gw.store.close()
 
 
+async def _capabilities(app: web.Application) -> AsyncIterator[None]:
+    """OpenRouter's live model list: read once the provider sessions are open, then hourly."""
+    gw = app[GATEWAY]
+    await gw.catalog.refresh(gw.providers)
+    refresher = asyncio.get_running_loop().create_task(gw.catalog.run(gw.providers))
+    yield
+    refresher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await refresher
+
+
 def build_store(config: Config) -> Store:
     if config.redis is None:
         return MemoryStore()
@@ -286,6 +313,7 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
     prefix = config.redis.prefix if config.redis else "llmgw"
     upstream = UpstreamLimits(config, limiter, prefix)
     router = Router(config, providers, prober.observe, upstream if upstream.configured else None)
+    catalog = Catalog(config, router.routes)  # effective windows and prices, written into the routes
     # Only providers some model routes to are probed and reported (an unconfigured one is never called).
     prober.watch({t.provider.name: t.provider for r in router.routes.values() for t in r.targets})
     auth = Authenticator(config, store)
@@ -306,13 +334,16 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         pipeline=pipeline,
         prober=prober,
         cache=cache,
+        catalog=catalog,
         models_body=openai.models_body([m.name for m in config.models]),
     )
     # The body limit is enforced by read_json with a clear 413; aiohttp's own cap sits just above it.
     app = web.Application(client_max_size=config.server.max_body_bytes + 1, middlewares=[edge])
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(_capabilities)
     openai.add_routes(app)
+    native.add_routes(app)
     admin.add_routes(app)
     usage.add_routes(app)
     health.add_routes(app)

@@ -19,7 +19,7 @@ class AuthPlugin:
         self.auth = services.auth
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
-        identity = await self.auth.identify(ctx.headers)
+        identity = ctx.presented or await self.auth.identify(ctx.headers)
         if identity.team is None:
             raise PermissionDenied(
                 "the master key is for the admin API; use a team key for model calls",

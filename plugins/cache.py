@@ -75,7 +75,8 @@ class CachePlugin:
                 read = False
             elif name == "no-store":
                 write = False
-            elif name == "max-age" and value.strip().isdigit():
+            elif name == "max-age" and value.strip().isascii() and value.strip().isdigit():
+                # (isascii: "²" is a digit to str.isdigit but not to int())
                 ttl = min(int(value), s.max_ttl_seconds)
         if ttl <= 0:
             write = False

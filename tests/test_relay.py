@@ -27,6 +27,7 @@ from tests.conftest import (
     base_config,
     tenancy_config,
 )
+from tests.helpers import eventually
 
 MakeGateway = Callable[[dict[str, Any]], Awaitable[RunningGateway]]
 AiohttpServer = Callable[..., Awaitable[TestServer]]
@@ -74,18 +75,6 @@ def upstream_url(upstream: Upstream) -> str:
 def sent_upstream(upstream: Upstream, index: int = -1) -> dict[str, Any]:
     body: dict[str, Any] = orjson.loads(upstream.state.requests[index].body)
     return body
-
-
-async def eventually(check: Callable[[], Any], within: float = 1.0) -> Any:
-    """Poll ``check`` until it returns something truthy (or fail after ``within`` seconds)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.01)
 
 
 async def access_line(gw: RunningGateway, count: int = 1) -> dict[str, Any]:

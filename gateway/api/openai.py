@@ -8,10 +8,11 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from gateway.context import UNKNOWN_MODEL, RequestContext
-from gateway.errors import InvalidRequest, NotFound, RequestTooLarge
-from gateway.relay import relay_stream, stream_attempt, unary_attempt
-from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
+from gateway import completion as core
+from gateway.context import RequestContext
+from gateway.errors import InvalidRequest, RequestTooLarge
+from gateway.relay import relay_stream, unary_attempt
+from gateway.runtime import GATEWAY
 
 JSON = "application/json"
 
@@ -33,32 +34,6 @@ async def read_json(request: web.Request, limit: int) -> tuple[dict[str, Any], i
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
     return body, len(raw)
-
-
-def _context(
-    request: web.Request, gw: Gateway, body: dict[str, Any], size: int, endpoint: str
-) -> RequestContext:
-    model = body.get("model")
-    if model is None or model == "":
-        raise InvalidRequest(
-            "you must provide a model parameter", param="model", code="missing_required_parameter"
-        )
-    if not isinstance(model, str):
-        raise InvalidRequest("model must be a string", param="model", code="invalid_type")
-    route = gw.router.routes.get(model)
-    ctx = RequestContext(
-        request[REQUEST_ID], endpoint, body, route.model if route else UNKNOWN_MODEL, request.headers, size
-    )
-    request[CONTEXT] = ctx
-    return ctx
-
-
-async def _admit(gw: Gateway, ctx: RequestContext) -> web.StreamResponse | None:
-    """Run the plugins (auth first, so an unknown model is only revealed to a caller with a key)."""
-    answer = await gw.pipeline.admit(ctx)
-    if answer is None and not ctx.model.targets:
-        raise NotFound(f"the model {ctx.model_name!r} does not exist", param="model", code="model_not_found")
-    return answer
 
 
 def _validate_chat(body: dict[str, Any]) -> None:
@@ -103,19 +78,19 @@ def gateway_headers(ctx: RequestContext) -> dict[str, str]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     body, size = await read_json(request, gw.config.server.max_body_bytes)
-    ctx = _context(request, gw, body, size, "chat")
+    ctx = core.new_context(request, gw, body, size, "chat")
     _validate_chat(body)
     ctx.stream = body.get("stream") is True
-    answer = await _admit(gw, ctx)
+    answer = await core.admit(gw, ctx)
     if answer is not None:
         return answer
     if ctx.stream:
         options = body.get("stream_options")
         ctx.added_include_usage = not (isinstance(options, dict) and options.get("include_usage") is True)
-        upstream = await gw.router.run(ctx, lambda target: stream_attempt(ctx, target))
+        upstream = await core.stream(gw, ctx)
         gateway_headers(ctx)
         return await relay_stream(request, ctx, upstream)
-    result = await gw.router.run(ctx, lambda target: unary_attempt(ctx, target, "/chat/completions"))
+    result = await core.unary(gw, ctx)
     ctx.response_body, ctx.complete = result.body, True
     return web.Response(body=result.body, content_type=JSON)
 
@@ -123,7 +98,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def embeddings(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     body, size = await read_json(request, gw.config.server.max_body_bytes)
-    ctx = _context(request, gw, body, size, "embeddings")
+    ctx = core.new_context(request, gw, body, size, "embeddings")
     value = body.get("input")
     if value is None or value == "" or value == []:
         raise InvalidRequest(
@@ -131,7 +106,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         )
     if not isinstance(value, str | list):
         raise InvalidRequest("input must be a string or an array", param="input", code="invalid_type")
-    answer = await _admit(gw, ctx)
+    answer = await core.admit(gw, ctx)
     if answer is not None:
         return answer
     result = await gw.router.run(ctx, lambda target: unary_attempt(ctx, target, "/embeddings"))

@@ -20,6 +20,11 @@ Options:
   cost=X              report ``usage.cost`` (OpenRouter style)
   blank_lines=N       DeepSeek-style blank lines before a non-stream body
   set_cookie          answer with a ``Set-Cookie`` header (as CDNs in front of real providers do)
+  max_context=N       a prompt over N tokens (~4 characters each) gets OpenAI's 400
+                      ``context_length_exceeded``, worded as DeepSeek and OpenRouter word it
+
+``GET /models`` answers in OpenRouter's shape (context length, per-token prices as strings, input
+modalities); tests may replace ``MockState.models``.
 """
 
 from __future__ import annotations
@@ -46,12 +51,25 @@ class RequestRecord:
     disconnected: bool = False
 
 
+MODELS: tuple[dict[str, Any], ...] = (
+    {
+        "id": "mock-chat",
+        "object": "model",
+        "context_length": 32768,
+        "pricing": {"prompt": "0.000001", "completion": "0.000002"},
+        "architecture": {"input_modalities": ["text"]},
+        "top_provider": {"max_completion_tokens": 4096},
+    },
+)
+
+
 @dataclass
 class MockState:
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[RequestRecord] = field(default_factory=list)
     record: bool = True
     count: int = 0
+    models: list[dict[str, Any]] = field(default_factory=lambda: [dict(m) for m in MODELS])
 
     def calls(self, model: str) -> int:
         return sum(1 for r in self.requests if r.model.split(":", 1)[0] == model.split(":", 1)[0])
@@ -171,6 +189,17 @@ async def _respond(
             body=error_body(f"mock failure {status}", "upstream_error", str(status)),
         )
     text, prompt_tokens = _answer(body)
+    if "max_context" in opts and prompt_tokens > int(opts["max_context"]):
+        limit = int(opts["max_context"])
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens} tokens. Please reduce the length of the messages."
+        )
+        return web.Response(
+            status=400,
+            content_type="application/json",
+            body=error_body(message, "invalid_request_error", "context_length_exceeded", "messages"),
+        )
     if not body.get("stream"):
         payload = orjson.dumps(_completion(model, text, prompt_tokens, opts))
         blank = int(opts.get("blank_lines", 0))
@@ -284,7 +313,8 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": "mock-chat", "object": "model"}]})
+    data = request.app[STATE].models
+    return web.json_response({"object": "list", "data": data}, dumps=lambda o: orjson.dumps(o).decode())
 
 
 async def set_faults(request: web.Request) -> web.Response:

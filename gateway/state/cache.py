@@ -26,6 +26,8 @@ class CacheStore(Protocol):
     async def unlock(self, key: str) -> None: ...
     async def locked(self, key: str) -> bool: ...
     async def clear(self, pattern: str) -> int: ...
+    async def take(self, key: str) -> bytes | None:
+        """Get and delete in one step: of several concurrent takers, one gets the value."""
 
 
 def glob_escape(value: str) -> str:
@@ -63,6 +65,12 @@ class MemoryCache:
         while self.size > self.max_bytes:
             self._drop(next(iter(self._entries)))
 
+    async def take(self, key: str) -> bytes | None:
+        value = await self.get(key)
+        if value is not None:
+            self._drop(key)
+        return value
+
     async def lock(self, key: str, ttl_ms: int) -> bool:
         now = time.monotonic()
         if self._locks.get(key, 0.0) > now:
@@ -90,6 +98,15 @@ class RedisCache:
     async def get(self, key: str) -> bytes | None:
         try:
             raw = await self.client.get(key)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        if not raw:
+            return None
+        return zlib.decompress(raw.encode() if isinstance(raw, str) else raw)
+
+    async def take(self, key: str) -> bytes | None:
+        try:
+            raw = await self.client.getdel(key)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         if not raw:

@@ -1,0 +1,255 @@
+"""The platform's native REST API (``/api/v1``): completions, streams, providers, models.
+
+Each completion is translated into an OpenAI chat body once (``formats.native``) and then runs the
+same core as ``/v1/chat/completions`` (``gateway.completion``): auth, limits, budgets, cache,
+routing and fallback, usage, metrics and the access line. Errors take the native shape at the edge
+(``server._error_response``).
+
+Browsers' ``EventSource`` can neither POST nor send headers, so ``GET /api/v1/llm/complete/stream``
+takes a ticket instead of a key: ``POST .../stream/ticket`` (authenticated, same body) stores the
+request and who made it (a key's SHA-256, never the key) for ``TICKET_TTL`` seconds under the
+SHA-256 of a 256-bit random ticket. The GET takes it (get-and-delete: single use), identifies the
+caller again from that record — so a key revoked in between is refused — and streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway import completion as core
+from gateway.api.health import detailed
+from gateway.api.openai import gateway_headers, read_json
+from gateway.auth import Identity
+from gateway.context import RequestContext
+from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied
+from gateway.formats import native
+from gateway.relay import SSE_HEADERS, relay_stream
+from gateway.runtime import GATEWAY, Gateway
+
+JSON = "application/json"
+PREFIXES = ("/api/v1/llm/", "/api/v1/complete", "/api/v1/models")
+TICKET_TTL = 30
+MAX_TICKET_CHARS = 64
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
+
+
+async def _caller(gw: Gateway, request: web.Request) -> Identity | None:
+    """Who is asking (None when the gateway runs without auth)."""
+    return await gw.auth.identify(request.headers) if gw.authenticates else None
+
+
+def _allows(identity: Identity | None) -> Callable[[str], bool] | None:
+    return identity.allows if identity is not None and identity.team is not None else None
+
+
+async def _context(
+    request: web.Request, gw: Gateway, body: dict[str, Any], size: int, identity: Identity | None
+) -> RequestContext:
+    chat, model, requirements = native.parse_request(body)
+    if model is None:
+        if identity is None and gw.authenticates:
+            identity = await gw.auth.identify(request.headers)
+        model = gw.catalog.select(requirements, core.allowed_models(gw, _allows(identity)))
+        chat["model"] = model
+        ctx = core.new_context(request, gw, chat, size, "chat")
+        ctx.response_headers["x-gateway-model"] = model
+    else:
+        chat["model"] = model
+        ctx = core.new_context(request, gw, chat, size, "chat")
+    ctx.presented = identity
+    return ctx
+
+
+# -- completions --------------------------------------------------------------------------------
+async def complete(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    body, size = await read_json(request, gw.config.server.max_body_bytes)
+    ctx = await _context(request, gw, body, size, None)
+    answer = await core.admit(gw, ctx)
+    if answer is not None:
+        if ctx.cache != "hit" or not isinstance(answer, web.Response):
+            return answer
+        assert isinstance(answer.body, bytes)
+        parsed = orjson.loads(answer.body)  # the cached chat.completion
+    else:
+        result = await core.unary(gw, ctx)
+        ctx.response_body, ctx.complete = result.body, True
+        parsed = result.parsed
+    content, finish, upstream_id = native.completion_text(parsed)
+    response = {
+        "id": upstream_id or ctx.request_id,
+        "content": content,
+        "model": ctx.model.name,
+        "provider": ctx.provider,
+        "upstreamModel": ctx.upstream_model,
+        "finishReason": finish,
+        "usage": native.usage_json(ctx.usage),
+        "costUsd": native.response_cost(ctx),
+        "cached": ctx.cache == "hit",
+        "latencyMs": round((time.perf_counter() - ctx.started) * 1000, 2),
+        "capabilities": gw.catalog.json[ctx.model.name],
+    }
+    return _json(response)
+
+
+async def complete_stream(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    body, size = await read_json(request, gw.config.server.max_body_bytes)
+    return await _stream(request, gw, body, size, None)
+
+
+async def _stream(
+    request: web.Request, gw: Gateway, body: dict[str, Any], size: int, identity: Identity | None
+) -> web.StreamResponse:
+    ctx = await _context(request, gw, body, size, identity)
+    ctx.body["stream"] = ctx.stream = True
+    ctx.added_include_usage = True  # the last event carries usage; the client never sees the chunk
+    answer = await core.admit(gw, ctx)
+    if answer is not None:
+        if ctx.cache != "hit" or not isinstance(answer, web.Response):
+            return answer
+        assert isinstance(answer.body, bytes)  # the cached stream, as OpenAI events
+        shape = native.NativeStream(ctx.request_id, ctx.provider)
+        replay = shape.feed(answer.body) + shape.end(ctx)
+        return web.Response(body=replay, headers={**SSE_HEADERS, **gateway_headers(ctx)})
+    upstream = await core.stream(gw, ctx)
+    gateway_headers(ctx)
+    return await relay_stream(request, ctx, upstream, native.NativeStream(ctx.request_id, ctx.provider))
+
+
+# -- EventSource tickets ------------------------------------------------------------------------
+def _ticket_key(gw: Gateway, ticket: str) -> str:
+    prefix = gw.config.redis.prefix if gw.config.redis else "llmgw"
+    return f"{prefix}:ticket:{hashlib.sha256(ticket.encode()).hexdigest()}"
+
+
+async def create_ticket(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    body, _ = await read_json(request, gw.config.server.max_body_bytes)
+    # A request that cannot run fails here, where the caller can read the error, not in the browser's
+    # EventSource. Limits and budgets are taken when the stream starts: that is the request.
+    _, model, _ = native.parse_request(dict(body))
+    principal = None
+    identity: Identity | None = None
+    if gw.authenticates:
+        identity, principal = await gw.auth.principal(request.headers)
+        if identity.team is None:
+            raise PermissionDenied(
+                "the master key is for the admin API; use a team key for model calls",
+                code="admin_key_not_allowed",
+            )
+    if model is not None:
+        route = gw.router.routes.get(model)
+        if route is None or not route.targets:
+            raise NotFound(f"the model {model!r} does not exist", param="model", code="model_not_found")
+        if identity is not None and not identity.allows(model):
+            raise PermissionDenied(
+                f"your team may not use the model {model!r}", param="model", code="model_not_allowed"
+            )
+    ticket = secrets.token_urlsafe(32)
+    record = orjson.dumps({"body": body, "principal": principal})
+    await gw.cache.set(_ticket_key(gw, ticket), record, TICKET_TTL)
+    return _json(
+        {"ticket": ticket, "url": f"/api/v1/llm/complete/stream?ticket={ticket}", "expiresIn": TICKET_TTL},
+        201,
+    )
+
+
+async def ticket_stream(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    ticket = request.query.get("ticket", "")
+    raw = None
+    if 0 < len(ticket) <= MAX_TICKET_CHARS:
+        raw = await gw.cache.take(_ticket_key(gw, ticket))
+    if raw is None:
+        raise AuthenticationFailed(
+            "unknown, used or expired stream ticket: create one with POST /api/v1/llm/complete/stream/ticket",
+            code="invalid_stream_ticket",
+        )
+    record = orjson.loads(raw)
+    principal = record["principal"]
+    identity = await gw.auth.from_principal(principal) if principal is not None else None
+    body = record["body"]
+    return await _stream(request, gw, body, len(raw), identity)
+
+
+# -- providers and models -----------------------------------------------------------------------
+def _provider_status(gw: Gateway, name: str) -> str:
+    targets = [t for r in gw.router.routes.values() for t in r.targets if t.provider.name == name]
+    if targets and all(t.breaker.is_open for t in targets):
+        return "down"
+    health = gw.prober.provider_health.get(name)
+    return health.status if health is not None else "unknown"
+
+
+def _served(gw: Gateway, models: list[str]) -> dict[str, list[str]]:
+    """Provider name -> the models (of ``models``) routed to it, in config order."""
+    served: dict[str, list[str]] = {}
+    for name in models:
+        for target in gw.router.routes[name].targets:
+            names = served.setdefault(target.provider.name, [])
+            if name not in names:
+                names.append(name)
+    return served
+
+
+async def list_providers(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    served = _served(gw, core.allowed_models(gw, _allows(await _caller(gw, request))))
+    providers = [
+        {
+            "name": name,
+            "type": gw.providers[name].config.type,
+            "status": _provider_status(gw, name),
+            "models": models,
+        }
+        for name, models in served.items()
+    ]
+    return _json({"providers": providers})
+
+
+async def provider_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    name = request.match_info["provider"]
+    served = _served(gw, core.allowed_models(gw, _allows(await _caller(gw, request))))
+    if name not in served:
+        raise NotFound(f"unknown provider {name!r}", param="provider", code="provider_not_found")
+    models = [{"name": m, "capabilities": gw.catalog.json[m]} for m in served[name]]
+    return _json({"provider": name, "models": models})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    allowed = core.allowed_models(gw, _allows(await _caller(gw, request)))
+    models = [
+        {
+            "name": name,
+            "providers": list(dict.fromkeys(t.provider.name for t in gw.router.routes[name].targets)),
+            "capabilities": gw.catalog.json[name],
+            "performance": gw.performance.report(name),
+        }
+        for name in allowed
+    ]
+    return _json({"models": models})
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("/api/v1/llm", "/api/v1"):
+        app.router.add_post(f"{prefix}/complete", complete)
+        app.router.add_post(f"{prefix}/complete/stream", complete_stream)
+    app.router.add_post("/api/v1/llm/complete/stream/ticket", create_ticket)
+    app.router.add_get("/api/v1/llm/complete/stream", ticket_stream)
+    app.router.add_get("/api/v1/llm/providers", list_providers)
+    app.router.add_get("/api/v1/llm/providers/{provider}/models", provider_models)
+    app.router.add_get("/api/v1/models", list_models)
+    app.router.add_get("/api/v1/llm/health", detailed)

@@ -1,0 +1,106 @@
+"""The one core every completion surface runs: context → admit → fit the window → route.
+
+A surface (``api/openai.py``, ``api/native.py``) parses its request into an OpenAI chat body and a
+``RequestContext``, calls these, and shapes the answer. Auth, limits, budgets, cache, routing,
+fallback, accounting, metrics and the access line are the same for all of them.
+
+Context windows: before the upstream call, ``fits_window`` (a floor estimate of the prompt plus the
+requested output) is checked against the model's window. A request that does not fit moves to the
+model's ``context_window_fallback`` (if the caller may use it), else gets 400
+``context_length_exceeded``. An upstream's own context-length error moves it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from gateway.accounting import fits_window
+from gateway.context import UNKNOWN_MODEL, RequestContext
+from gateway.errors import CONTEXT_LENGTH_EXCEEDED, InvalidRequest, NotFound, PassThroughError
+from gateway.relay import OpenStream, Unary, stream_attempt, unary_attempt
+from gateway.routing import Target
+from gateway.runtime import CONTEXT, REQUEST_ID, Gateway
+
+T = TypeVar("T")
+
+
+def new_context(
+    request: web.Request, gw: Gateway, body: dict[str, Any], size: int, endpoint: str
+) -> RequestContext:
+    model = body.get("model")
+    if model is None or model == "":
+        raise InvalidRequest(
+            "you must provide a model parameter", param="model", code="missing_required_parameter"
+        )
+    if not isinstance(model, str):
+        raise InvalidRequest("model must be a string", param="model", code="invalid_type")
+    route = gw.router.routes.get(model)
+    ctx = RequestContext(
+        request[REQUEST_ID], endpoint, body, route.model if route else UNKNOWN_MODEL, request.headers, size
+    )
+    request[CONTEXT] = ctx
+    return ctx
+
+
+async def admit(gw: Gateway, ctx: RequestContext) -> web.StreamResponse | None:
+    """Run the plugins (auth first, so an unknown model is only revealed to a caller with a key)."""
+    answer = await gw.pipeline.admit(ctx)
+    if answer is None and not ctx.model.targets:
+        raise NotFound(f"the model {ctx.model_name!r} does not exist", param="model", code="model_not_found")
+    return answer
+
+
+def fit_window(gw: Gateway, ctx: RequestContext) -> None:
+    """Move the request along ``context_window_fallback`` until it fits, or refuse it (400)."""
+    window = ctx.model.context_window
+    while window is not None and not fits_window(ctx.body, window):
+        if not _fall_back(gw, ctx):
+            raise InvalidRequest(
+                f"the request does not fit model {ctx.model.name!r}'s context window of {window} tokens "
+                "(prompt plus max_tokens)",
+                param="messages",
+                code=CONTEXT_LENGTH_EXCEEDED,
+            )
+        window = ctx.model.context_window
+
+
+def _fall_back(gw: Gateway, ctx: RequestContext) -> bool:
+    """Switch to the model's larger-window fallback, if it has one the caller may use."""
+    name = ctx.model.context_window_fallback
+    route = gw.router.routes.get(name) if name else None
+    if route is None or not route.targets:
+        return False
+    if ctx.identity is not None and not ctx.identity.allows(route.model.name):
+        return False
+    ctx.model = route.model
+    ctx.response_headers["x-gateway-model"] = route.model.name
+    return True
+
+
+async def _route(gw: Gateway, ctx: RequestContext, attempt: Callable[[Target], Awaitable[T]]) -> T:
+    fit_window(gw, ctx)
+    while True:
+        try:
+            return await gw.router.run(ctx, attempt)
+        except PassThroughError as exc:
+            # The upstream counted more tokens than the floor estimate: same fallback as above.
+            if not exc.context_length or not _fall_back(gw, ctx):
+                raise
+
+
+async def unary(gw: Gateway, ctx: RequestContext, path: str = "/chat/completions") -> Unary:
+    return await _route(gw, ctx, lambda target: unary_attempt(ctx, target, path))
+
+
+async def stream(gw: Gateway, ctx: RequestContext) -> OpenStream:
+    return await _route(gw, ctx, lambda target: stream_attempt(ctx, target))
+
+
+def allowed_models(gw: Gateway, allows: Callable[[str], bool] | None) -> list[str]:
+    """Models with a route the caller may use (``allows`` None: every model, no auth)."""
+    return [
+        name for name, route in gw.router.routes.items() if route.targets and (allows is None or allows(name))
+    ]

@@ -1,0 +1,1 @@
+"""Pure translations between the gateway's wire formats and OpenAI chat, tested without a server."""

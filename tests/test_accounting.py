@@ -1,0 +1,29 @@
+"""The context-window estimate: a floor, so a request that fits is never refused."""
+
+from __future__ import annotations
+
+from gateway.accounting import fits_window
+
+
+def chat(text: str | list[dict[str, str]], **extra: int) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": text}], **extra}
+
+
+def test_words_plus_requested_output_must_fit() -> None:
+    text = " ".join(["word"] * 100)
+    assert fits_window(chat(text), 100)
+    assert not fits_window(chat(text), 99)
+    assert fits_window(chat(text, max_tokens=50), 150)
+    assert not fits_window(chat(text, max_tokens=51), 150)
+    assert not fits_window(chat(text, max_completion_tokens=51), 150)
+
+
+def test_text_parts_count_and_images_do_not() -> None:
+    parts = [{"type": "text", "text": "a b c"}, {"type": "image_url", "image_url": "data:..."}]
+    assert fits_window(chat(parts), 3) and not fits_window(chat(parts), 2)  # type: ignore[arg-type]
+
+
+def test_long_runs_without_spaces_are_never_overestimated() -> None:
+    # 10,000 characters that real tokenizers may pack into few tokens: one word, so it always fits.
+    assert fits_window(chat("=" * 10_000), 10)
+    assert fits_window(chat("日本語のテキスト" * 500), 10)
