@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -23,9 +24,11 @@ import aiohttp
 import orjson
 import structlog
 
+from gateway.accounting import fits_window
 from gateway.config import Config, ModelConfig, Pricing
-from gateway.errors import InvalidRequest
+from gateway.errors import CONTEXT_LENGTH_EXCEEDED, InvalidRequest
 from gateway.providers import Provider
+from gateway.relay import read_body
 from gateway.routing import Route
 
 log = structlog.get_logger("gateway.capabilities")
@@ -147,10 +150,21 @@ class Catalog:
         return self.models[name]
 
     # -- selection ------------------------------------------------------------------------------
-    def select(self, requirements: Mapping[str, Any], allowed: Iterable[str]) -> str:
+    def select(self, requirements: Mapping[str, Any], allowed: Iterable[str], chat: dict[str, Any]) -> str:
         """The cheapest allowed model (output price, then input price, then name) meeting every
-        requirement; InvalidRequest saying which requirement ruled out what when none does."""
+        requirement and able to take the request ``chat``; InvalidRequest saying which requirement
+        ruled out what when none does."""
         candidates = [n for n in allowed if n in self.models]
+        fitting = [
+            n for n in candidates if (w := self.models[n].context_window) is None or fits_window(chat, w)
+        ]
+        if candidates and not fitting:
+            raise InvalidRequest(
+                "the request does not fit the context window of any model available to this key",
+                param="messages",
+                code=CONTEXT_LENGTH_EXCEEDED,
+            )
+        candidates = fitting
         if not candidates:
             raise InvalidRequest(
                 "no model is available to this key for automatic selection",
@@ -190,7 +204,7 @@ class Catalog:
                 continue
             try:
                 entries = await _fetch(provider, self.config.health.timeout_seconds)
-            except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, OSError) as exc:
                 log.warning("capabilities_refresh_failed", provider=name, error=type(exc).__name__)
                 continue
             for model_id, known in entries.items():
@@ -201,7 +215,10 @@ class Catalog:
     async def run(self, providers: Mapping[str, Provider]) -> None:
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
-            await self.refresh(providers)
+            try:
+                await self.refresh(providers)
+            except Exception:  # the last good figures stay; the next hour tries again
+                log.exception("capabilities_refresh_crashed")
 
 
 async def _fetch(provider: Provider, seconds: float) -> dict[str, Known]:
@@ -210,7 +227,7 @@ async def _fetch(provider: Provider, seconds: float) -> dict[str, Known]:
         try:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
-            body = await resp.content.read(MAX_LIST_BYTES + 1)
+            body = await read_body(resp, MAX_LIST_BYTES)
         finally:
             resp.release()
     if len(body) > MAX_LIST_BYTES:
@@ -222,33 +239,38 @@ async def _fetch(provider: Provider, seconds: float) -> dict[str, Known]:
     found: dict[str, Known] = {}
     for entry in entries:
         if isinstance(entry, dict) and isinstance(entry.get("id"), str):
-            with contextlib.suppress(TypeError, ValueError):
+            # One odd entry is skipped; it never costs the others (or the start-up).
+            with contextlib.suppress(Exception):
                 found[entry["id"]] = _openrouter_entry(entry)
     return found
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _openrouter_entry(entry: dict[str, Any]) -> Known:
     """OpenRouter prices are USD per token, as strings; the gateway's are USD per million tokens."""
-    pricing = entry.get("pricing") or {}
-    top = entry.get("top_provider") or {}
-    modalities = (entry.get("architecture") or {}).get("input_modalities") or []
+    pricing = _dict(entry.get("pricing"))
+    top = _dict(entry.get("top_provider"))
+    modalities = _dict(entry.get("architecture")).get("input_modalities")
+    modalities = modalities if isinstance(modalities, list) else []
 
     def per_mtok(key: str) -> float | None:
-        value = pricing.get(key)
-        return None if value in (None, "") else round(float(value) * 1_000_000, 6)
+        """Negative ("-1": a router's variable price) or non-finite prices are unknown, never a credit."""
+        value = float(pricing[key]) if pricing.get(key) not in (None, "") else None
+        if value is None or not 0 <= value < math.inf:
+            return None
+        return round(value * 1_000_000, 6)
 
+    prompt, completion = per_mtok("prompt"), per_mtok("completion")
     window = entry.get("context_length")
     out = top.get("max_completion_tokens")
     return Known(
         context_window=int(window) if isinstance(window, int) and window > 0 else None,
         max_output_tokens=int(out) if isinstance(out, int) and out > 0 else None,
-        pricing=Pricing(
-            per_mtok("prompt") or 0.0,
-            per_mtok("completion") or 0.0,
-            per_mtok("input_cache_read"),
-            per_mtok("image"),
-        )
-        if pricing
+        pricing=Pricing(prompt, completion, per_mtok("input_cache_read"), per_mtok("image"))
+        if prompt is not None and completion is not None
         else None,
         multimodal="image" in modalities if modalities else None,
     )

@@ -53,11 +53,11 @@ async def admit(gw: Gateway, ctx: RequestContext) -> web.StreamResponse | None:
     return answer
 
 
-def fit_window(gw: Gateway, ctx: RequestContext) -> None:
+async def fit_window(gw: Gateway, ctx: RequestContext) -> None:
     """Move the request along ``context_window_fallback`` until it fits, or refuse it (400)."""
     window = ctx.model.context_window
     while window is not None and not fits_window(ctx.body, window):
-        if not _fall_back(gw, ctx):
+        if not await _fall_back(gw, ctx):
             raise InvalidRequest(
                 f"the request does not fit model {ctx.model.name!r}'s context window of {window} tokens "
                 "(prompt plus max_tokens)",
@@ -67,27 +67,29 @@ def fit_window(gw: Gateway, ctx: RequestContext) -> None:
         window = ctx.model.context_window
 
 
-def _fall_back(gw: Gateway, ctx: RequestContext) -> bool:
-    """Switch to the model's larger-window fallback, if it has one the caller may use."""
+async def _fall_back(gw: Gateway, ctx: RequestContext) -> bool:
+    """Switch to the model's larger-window fallback, if it has one the caller may use; its own
+    per-model limits are taken and the old model's given back (``Pipeline.switch_model``)."""
     name = ctx.model.context_window_fallback
     route = gw.router.routes.get(name) if name else None
     if route is None or not route.targets:
         return False
     if ctx.identity is not None and not ctx.identity.allows(route.model.name):
         return False
-    ctx.model = route.model
+    old, ctx.model = ctx.model, route.model
     ctx.response_headers["x-gateway-model"] = route.model.name
+    await gw.pipeline.switch_model(ctx, old)
     return True
 
 
 async def _route(gw: Gateway, ctx: RequestContext, attempt: Callable[[Target], Awaitable[T]]) -> T:
-    fit_window(gw, ctx)
+    await fit_window(gw, ctx)
     while True:
         try:
             return await gw.router.run(ctx, attempt)
         except PassThroughError as exc:
             # The upstream counted more tokens than the floor estimate: same fallback as above.
-            if not exc.context_length or not _fall_back(gw, ctx):
+            if not exc.context_length or not await _fall_back(gw, ctx):
                 raise
 
 

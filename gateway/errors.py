@@ -17,8 +17,8 @@ API (``/api/v1``) shows the same errors in its own shape (``native_body``): same
 with the platform's ``LLMErrorType``:
 
     CONTEXT_LENGTH   400 context_length_exceeded     MODEL_NOT_FOUND  404
-    CONTENT_FILTER   400 content_filter              RATE_LIMIT       429 (limits and budgets)
-    INVALID_REQUEST  other 4xx (400 401 403 405 413) PROVIDER_ERROR   502 503
+    INVALID_REQUEST  other 4xx (400 401 403 405 413) RATE_LIMIT       429 (limits and budgets)
+                                                     PROVIDER_ERROR   502 503
     TIMEOUT          504                             UNKNOWN          anything else (500)
 """
 
@@ -160,8 +160,6 @@ def native_type(status: int, code: str | None) -> str:
     """The platform's ``LLMErrorType`` for a status and code (the table in this module's docstring)."""
     if code == CONTEXT_LENGTH_EXCEEDED:
         return "CONTEXT_LENGTH"
-    if code == "content_filter":
-        return "CONTENT_FILTER"
     if status == 404:
         return "MODEL_NOT_FOUND"
     if status == 429:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.auth import Authenticator
-from gateway.config import Config
+from gateway.config import Config, ModelConfig
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.state.base import (
@@ -60,6 +60,10 @@ class Plugin(Protocol):
     declares_checks_only: ClassVar[bool]
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None: ...
+
+    def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:
+        """The admitted request moves to ``ctx.model`` (a context-window fallback): give back what was
+        taken for ``old`` alone and declare ``ctx.model``'s own checks (the pipeline takes them)."""
 
     def finish(self, ctx: RequestContext) -> Awaitable[None] | None:
         """Append settlement ``Op``s to ``ctx.ops`` (the pipeline does that I/O once, for all plugins).
@@ -315,6 +319,14 @@ class Pipeline:
         if ctx.checks:
             await self.limiter.enforce(ctx)
         return None
+
+    async def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:
+        """After admission, the request moves from ``old`` to ``ctx.model``: per-model limits follow it
+        (one more store call, all or nothing; a refusal is the new model's 429)."""
+        for plugin in self.plugins:
+            plugin.switch_model(ctx, old)
+        if ctx.checks:
+            await self.limiter.enforce(ctx)
 
     def finish(self, ctx: RequestContext) -> asyncio.Task[None] | None:
         """Called exactly once per request that entered ``admit``, before its answer is sent. The

@@ -114,7 +114,7 @@ def upstream_payload(ctx: RequestContext, target: Target) -> bytes:
     return orjson.dumps(body)
 
 
-async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The whole body, or its first ``limit + 1`` bytes if it is longer (``read(n)`` alone returns
     only what has arrived so far, which cuts bodies that come in more than one TCP segment)."""
     parts: list[bytes] = []
@@ -150,7 +150,7 @@ async def _fail_on_status(target: Target, resp: aiohttp.ClientResponse) -> None:
         else:
             message = f"{target.provider.name} returned HTTP {status}"
         raise AttemptFailed(f"status_{status}", message, retry_after=_retry_after(resp.headers))
-    body = await _read_body(resp, 64 * 1024)
+    body = await read_body(resp, 64 * 1024)
     raise PassThroughError(normalize_upstream_error(status, body), status=status)
 
 
@@ -182,7 +182,7 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
         if length is not None and length <= MAX_UPSTREAM_BODY:
             body = await resp.read()  # the usual case: one call, no loop
         else:
-            body = await _read_body(resp, MAX_UPSTREAM_BODY)
+            body = await read_body(resp, MAX_UPSTREAM_BODY)
     except asyncio.CancelledError:
         if wd.absorb():
             raise AttemptFailed(

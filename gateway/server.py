@@ -140,6 +140,9 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         try:
             response = await handler(request)
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's code): not a server failure
+            raise
         except GatewayError as exc:
             response = _error_response(request, rid, exc)
         except StoreUnavailable:

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from aiohttp import web
 
+from gateway.config import ModelConfig
 from gateway.context import RequestContext
 from gateway.errors import NotFound, PermissionDenied
 from gateway.pipeline import Services
@@ -38,6 +39,9 @@ class AuthPlugin:
             )
         ctx.identity = identity
         return None
+
+    def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:
+        return None  # nothing of this plugin depends on the model
 
     def finish(self, ctx: RequestContext) -> None:
         return None

@@ -30,7 +30,7 @@ import structlog
 from aiohttp import web
 
 from gateway import metrics
-from gateway.config import CacheConfig
+from gateway.config import CacheConfig, ModelConfig
 from gateway.context import CachePlan, RequestContext, Usage
 from gateway.pipeline import Services
 from gateway.relay import SSE_HEADERS
@@ -170,6 +170,9 @@ class CachePlugin:
         return web.Response(body=data, content_type="application/json")
 
     # -- after the response --------------------------------------------------------------------
+    def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:
+        return None  # nothing of this plugin depends on the model
+
     def finish(self, ctx: RequestContext) -> Awaitable[None] | None:
         plan = ctx.cache_plan
         if plan is None or ctx.cache != "miss":

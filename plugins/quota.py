@@ -13,7 +13,7 @@ from typing import ClassVar
 from aiohttp import web
 
 from gateway.accounting import window_ends_ms, windows
-from gateway.config import TeamConfig
+from gateway.config import ModelConfig, TeamConfig
 from gateway.context import RequestContext
 from gateway.pipeline import Services
 from gateway.state.base import Check, KeyRecord, Op
@@ -87,6 +87,9 @@ class QuotaPlugin:
         if plan is not None:
             ctx.checks.extend(plan.checks)
         return None
+
+    def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:
+        return None  # nothing of this plugin depends on the model
 
     def finish(self, ctx: RequestContext) -> None:
         if not ctx.attempts and ctx.cache != "hit":

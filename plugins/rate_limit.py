@@ -16,7 +16,7 @@ from typing import ClassVar
 from aiohttp import web
 
 from gateway.accounting import reserve_tokens
-from gateway.config import Limits, TeamConfig
+from gateway.config import Limits, ModelConfig, TeamConfig
 from gateway.context import RequestContext
 from gateway.pipeline import Services
 from gateway.state.base import Check, KeyRecord, Op
@@ -100,6 +100,34 @@ class RateLimitPlugin:
             self._plans.clear()
         self._plans[cache_key] = plan
         return plan
+
+    def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:
+        identity = ctx.identity
+        if identity is None or identity.team is None:
+            return
+        base = f"{self.prefix}:{{{identity.team.id}}}"
+        scope = f"{base}:m:{old.name}:"
+        kept = []
+        for check in ctx.admitted:
+            if not check.key.startswith(scope):
+                kept.append(check)
+            elif check.kind == "parallel":
+                ctx.ops.append(Op("release", check.key, (check.member,)))
+            else:  # nothing was served on the old model: its tokens go back (rpm and tpm alike)
+                ctx.ops.append(Op("bucket", check.key, (check.limit, check.rate, -check.cost)))
+        ctx.admitted[:] = kept
+        scope = f"{base}:m:{ctx.model.name}:"
+        plan = self._plan(identity.team, identity.key, ctx.model.name)
+        ctx.checks.extend(c for c in plan.rpm if c.key.startswith(scope))
+        for key, limit, rate in plan.tpm:
+            if key.startswith(scope):
+                ctx.checks.append(Check("bucket", key, limit, "tpm", rate=rate, cost=ctx.reserved_tokens))
+        for key, limit in plan.parallel:
+            if key.startswith(scope):
+                member = self._member()
+                ctx.checks.append(
+                    Check("parallel", key, limit, "parallel", member=member, stale_ms=self.stale_ms)
+                )
 
     def _member(self) -> str:
         return f"{self._slot_prefix}{next(self._slots):x}"

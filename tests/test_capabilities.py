@@ -14,6 +14,9 @@ from gateway.providers import create
 from gateway.routing import Router
 
 
+CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
+
+
 def catalog(models: list[dict[str, Any]]) -> tuple[Catalog, Router]:
     config = config_parser.parse(
         {
@@ -84,10 +87,10 @@ def test_selection_breaks_ties_by_input_price_then_name() -> None:
             )
         ]
     )
-    assert cat.select({}, ["z", "y", "x"]) == "x"
-    assert cat.select({}, ["z"]) == "z"
+    assert cat.select({}, ["z", "y", "x"], CHAT) == "x"
+    assert cat.select({}, ["z"], CHAT) == "z"
     with pytest.raises(InvalidRequest) as caught:
-        cat.select({}, [])
+        cat.select({}, [], CHAT)
     assert caught.value.code == "no_model_available"
 
 

@@ -28,15 +28,20 @@ from gateway.api.health import detailed
 from gateway.api.openai import gateway_headers, read_json
 from gateway.auth import Identity
 from gateway.context import RequestContext
-from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied
+from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied, RateLimited
 from gateway.formats import native
 from gateway.relay import SSE_HEADERS, relay_stream
 from gateway.runtime import GATEWAY, Gateway
+from gateway.state.base import Check
 
 JSON = "application/json"
 PREFIXES = ("/api/v1/llm/", "/api/v1/complete", "/api/v1/models")
 TICKET_TTL = 30
 MAX_TICKET_CHARS = 64
+# SECURITY: tickets are stored before any limit is taken, so they are bounded on their own: a body
+# of at most 1 MiB, and at most 60 a minute per team (so ≤ ~30 MiB outstanding per team).
+TICKET_MAX_BYTES = 1024 * 1024
+TICKETS_PER_MINUTE = 60
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -59,7 +64,7 @@ async def _context(
     if model is None:
         if identity is None and gw.authenticates:
             identity = await gw.auth.identify(request.headers)
-        model = gw.catalog.select(requirements, core.allowed_models(gw, _allows(identity)))
+        model = gw.catalog.select(requirements, core.allowed_models(gw, _allows(identity)), chat)
         chat["model"] = model
         ctx = core.new_context(request, gw, chat, size, "chat")
         ctx.response_headers["x-gateway-model"] = model
@@ -135,7 +140,7 @@ def _ticket_key(gw: Gateway, ticket: str) -> str:
 
 async def create_ticket(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    body, _ = await read_json(request, gw.config.server.max_body_bytes)
+    body, _ = await read_json(request, min(gw.config.server.max_body_bytes, TICKET_MAX_BYTES))
     # A request that cannot run fails here, where the caller can read the error, not in the browser's
     # EventSource. Limits and budgets are taken when the stream starts: that is the request.
     _, model, _ = native.parse_request(dict(body))
@@ -156,6 +161,7 @@ async def create_ticket(request: web.Request) -> web.Response:
             raise PermissionDenied(
                 f"your team may not use the model {model!r}", param="model", code="model_not_allowed"
             )
+    await _take_ticket_quota(gw, identity.team.id if identity and identity.team else "_anonymous")
     ticket = secrets.token_urlsafe(32)
     record = orjson.dumps({"body": body, "principal": principal})
     await gw.cache.set(_ticket_key(gw, ticket), record, TICKET_TTL)
@@ -163,6 +169,25 @@ async def create_ticket(request: web.Request) -> web.Response:
         {"ticket": ticket, "url": f"/api/v1/llm/complete/stream?ticket={ticket}", "expiresIn": TICKET_TTL},
         201,
     )
+
+
+async def _take_ticket_quota(gw: Gateway, team: str) -> None:
+    prefix = gw.config.redis.prefix if gw.config.redis else "llmgw"
+    check = Check(
+        "bucket",
+        f"{prefix}:{{{team}}}:tickets",
+        TICKETS_PER_MINUTE,
+        "rpm",
+        rate=TICKETS_PER_MINUTE / 60,
+        cost=1,
+    )
+    decision, _ = await gw.pipeline.limiter.take([check])
+    if decision.failed is not None:
+        raise RateLimited(
+            f"too many stream tickets: at most {TICKETS_PER_MINUTE} a minute per team",
+            retry_after=decision.retry_after,
+            code="rate_limit_exceeded",
+        )
 
 
 async def ticket_stream(request: web.Request) -> web.StreamResponse:

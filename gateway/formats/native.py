@@ -163,8 +163,13 @@ class NativeStream:
         self.failed = False
 
     def feed(self, data: bytes) -> bytes:
+        if self.failed:
+            return b""  # after an error event nothing more goes out
         out = []
         for line in data.split(b"\n"):
+            if line.startswith(b":"):
+                out.append(line + b"\n\n")  # keep-alive comments keep idle proxies from cutting the stream
+                continue
             if not line.startswith(b"data:"):
                 continue
             payload = line[5:].strip()
@@ -176,14 +181,13 @@ class NativeStream:
                 continue
             if not isinstance(event, dict):
                 continue
-            if event.get("error") and not self.failed:
-                self.failed = True
+            if event.get("error"):
                 out.append(
                     self.error(502, "the upstream reported an error mid-stream", "upstream_stream_error")
                 )
-                continue
+                break
             choices = event.get("choices")
-            if not choices or not isinstance(choices[0], dict):
+            if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
                 continue
             choice = choices[0]
             delta = choice.get("delta")
@@ -196,6 +200,10 @@ class NativeStream:
         return b"".join(out)
 
     def error(self, status: int, message: str, code: str | None) -> bytes:
+        """The stream's one error event (a second failure adds nothing)."""
+        if self.failed:
+            return b""
+        self.failed = True
         return sse_error(status, message, code, self.request_id, self.provider)
 
     def end(self, ctx: RequestContext) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import aiohttp
@@ -38,11 +39,16 @@ NATIVE_TYPES = {
 async def call(
     gw: RunningGateway, method: str, path: str, body: Any = None, key: str | None = None, **headers: str
 ) -> tuple[int, CIMultiDict[str], Any]:
+    """One HTTP call; a ``bytes`` body is sent as it is (as JSON)."""
     if key:
         headers["Authorization"] = f"Bearer {key}"
+    kw: dict[str, Any] = {"json": body}
+    if isinstance(body, bytes):
+        headers["Content-Type"] = "application/json"
+        kw = {"data": io.BytesIO(body)}
     async with (
         aiohttp.ClientSession() as session,
-        session.request(method, gw.root + path, json=body, headers=headers) as r,
+        session.request(method, gw.root + path, headers=headers, **kw) as r,
     ):
         raw = await r.read()
         return r.status, CIMultiDict(r.headers), orjson.loads(raw) if raw else None
@@ -54,6 +60,8 @@ def parse_sse(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
     for block in raw.decode().split("\n\n"):
         if not block.strip():
             continue
+        if block.startswith(":"):
+            continue  # a keep-alive comment
         name, data = "message", ""
         for line in block.split("\n"):
             if line.startswith("event:"):
@@ -185,6 +193,10 @@ async def test_client_disconnect_cancels_the_upstream(upstream: Upstream, make_g
         r.close()
     record = upstream.state.requests[-1]
     await eventually(lambda: record.disconnected)
+    # The client left: logged as 499, and not an error of the model's.
+    lines = await eventually(lambda: [x for x in gw.log_lines() if x.get("event") == "request"])
+    assert lines[-1]["status"] == 499
+    assert gw.gateway.performance.report("chat")["sampleSize"] == 0
 
 
 # -- EventSource tickets ---------------------------------------------------------------------------
@@ -471,7 +483,8 @@ async def test_a_request_over_the_window_is_refused_on_both_apis(
     with pytest.raises(openai.BadRequestError) as caught:
         await gw.client().chat.completions.create(model="chat", messages=long_messages)
     assert caught.value.code == "context_length_exceeded"
-    status, _, err = await call(gw, "POST", "/api/v1/llm/complete", {"messages": long_messages})
+    body = {"messages": long_messages, "options": {"model": "chat"}}
+    status, _, err = await call(gw, "POST", "/api/v1/llm/complete", body)
     assert status == 400
     assert_native_error(err, "CONTEXT_LENGTH", "context_length_exceeded")
     # max_tokens counts too; a request that fits goes through.
@@ -511,6 +524,64 @@ async def test_an_upstream_context_error_goes_to_the_fallback(upstream: Upstream
     assert "maximum context length is 100 tokens" in caught.value.message
 
 
+async def test_the_fallback_takes_its_own_model_limits_and_gives_back_the_first(
+    upstream: Upstream, make_gateway: Any
+) -> None:
+    cfg = _window_config(upstream.url, fallback=True)
+    cfg.update({k: v for k, v in tenancy_config(upstream.url).items() if k != "models"})
+    cfg["teams"][0]["model_limits"] = {"chat": {"rpm": 1}, "long": {"rpm": 1}}
+    gw = await make_gateway(cfg)
+    long_messages = [{"role": "user", "content": " ".join(["word"] * 150)}]
+    status, _, data = await call(gw, "POST", "/api/v1/llm/complete", {"messages": long_messages}, TEAM_KEY)
+    assert status == 200 and data["model"] == "long"
+    # long's one request a minute is used ...
+    status, headers, err = await call(
+        gw, "POST", "/api/v1/llm/complete", {"messages": long_messages}, TEAM_KEY
+    )
+    assert status == 429 and headers["Retry-After"]
+    assert_native_error(err, "RATE_LIMIT", "rate_limit_exceeded")
+    # ... and chat's was given back when the first request moved: a request that fits chat still runs.
+    status, _, data = await call(gw, "POST", "/api/v1/llm/complete", {"messages": MESSAGES}, TEAM_KEY)
+    assert status == 200 and data["model"] == "chat"
+    status, _, _ = await call(gw, "POST", "/api/v1/llm/complete", {"messages": MESSAGES}, TEAM_KEY)
+    assert status == 429
+
+
+async def test_auto_skips_models_the_request_cannot_fit(upstream: Upstream, make_gateway: Any) -> None:
+    gw = await make_gateway(_auto_config(upstream.url))
+    long_messages = [{"role": "user", "content": " ".join(["word"] * 20000)}]
+    status, _, data = await call(gw, "POST", "/api/v1/llm/complete", {"messages": long_messages}, TEAM_KEY)
+    assert status == 200 and data["model"] == "big"  # cheap's 16k window is too small
+    huge = orjson.dumps({"messages": [{"role": "user", "content": " ".join(["w"] * 1_000_001)}]})
+    status, _, err = await call(gw, "POST", "/api/v1/llm/complete", huge, TEAM_KEY)
+    assert status == 400
+    assert_native_error(err, "CONTEXT_LENGTH", "context_length_exceeded")
+
+
+async def test_ticket_creation_is_bounded(upstream: Upstream, make_gateway: Any) -> None:
+    gw = await make_gateway(tenancy_config(upstream.url))
+    big = orjson.dumps({"messages": [{"role": "user", "content": "x" * (1024 * 1024)}]})
+    headers = {"Authorization": f"Bearer {TEAM_KEY}", "Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gw.root + "/api/v1/llm/complete/stream/ticket", data=io.BytesIO(big), headers=headers
+        ) as r,
+    ):
+        assert r.status == 413
+        assert_native_error(await r.json(), "INVALID_REQUEST", "request_too_large")
+    statuses = [
+        (await call(gw, "POST", "/api/v1/llm/complete/stream/ticket", {"messages": MESSAGES}, TEAM_KEY))[0]
+        for _ in range(61)
+    ]
+    assert statuses.count(201) == 60 and statuses[-1] == 429
+    # Another team's quota is its own.
+    status, _, _ = await call(
+        gw, "POST", "/api/v1/llm/complete/stream/ticket", {"messages": MESSAGES}, TEAM_B_KEY
+    )
+    assert status == 201
+
+
 async def test_a_fallback_the_team_may_not_use_is_not_taken(upstream: Upstream, make_gateway: Any) -> None:
     cfg = _window_config(upstream.url, fallback=True)
     cfg.update({k: v for k, v in tenancy_config(upstream.url, models=["chat"]).items() if k != "models"})
@@ -530,15 +601,27 @@ async def test_a_fallback_the_team_may_not_use_is_not_taken(upstream: Upstream, 
 async def test_openrouter_list_refreshes_capabilities_and_config_wins(
     upstream: Upstream, make_gateway: Any
 ) -> None:
-    upstream.state.models = [
-        {
-            "id": "anthropic/claude-sonnet-4",
-            "context_length": 1000000,
-            "pricing": {"prompt": "0.000003", "completion": "0.000015", "image": "0.0048"},
-            "architecture": {"input_modalities": ["text", "image"]},
-            "top_provider": {"max_completion_tokens": 64000},
-        }
+    # A real list is large (it arrives in many TCP segments) and has entries of every shape.
+    filler = [
+        {"id": f"vendor/model-{i}", "context_length": 8192, "description": "x" * 200} for i in range(3000)
     ]
+    odd = [
+        {"id": "odd/architecture", "architecture": ["text"], "pricing": "free"},
+        {"id": "openrouter/auto", "context_length": 2000000, "pricing": {"prompt": "-1", "completion": "-1"}},
+    ]
+    upstream.state.models = (
+        filler
+        + odd
+        + [
+            {
+                "id": "anthropic/claude-sonnet-4",
+                "context_length": 1000000,
+                "pricing": {"prompt": "0.000003", "completion": "0.000015", "image": "0.0048"},
+                "architecture": {"input_modalities": ["text", "image"]},
+                "top_provider": {"max_completion_tokens": 64000},
+            }
+        ]
+    )
     cfg = base_config(upstream.url)
     cfg["providers"].append(
         {"name": "or", "type": "openrouter", "base_url": upstream.url, "api_key": "sk-or-x"}
@@ -550,6 +633,8 @@ async def test_openrouter_list_refreshes_capabilities_and_config_wins(
             "targets": [{"provider": "or", "model": "anthropic/claude-sonnet-4"}],
             "context_window": 200000,
         },
+        # A variable price ("-1") is unknown, never a negative cost: no price, as for an unknown model.
+        {"name": "auto", "targets": [{"provider": "or", "model": "openrouter/auto"}]},
     ]
     gw = await make_gateway(cfg)
     status, _, data = await call(gw, "GET", "/api/v1/models")
@@ -558,6 +643,7 @@ async def test_openrouter_list_refreshes_capabilities_and_config_wins(
     assert by_name["claude"]["pricing"] == {"input": 3.0, "output": 15.0, "images": 4800.0}
     assert by_name["claude"]["strengths"]  # still the shipped strengths
     assert by_name["pinned"]["contextWindow"] == 200000  # config wins
+    assert by_name["auto"]["pricing"]["output"] == 0 and by_name["auto"]["contextWindow"] == 2000000
     # The refreshed price is what requests are charged.
     status, _, answer = await call(
         gw, "POST", "/api/v1/llm/complete", {"messages": MESSAGES, "options": {"model": "claude"}}

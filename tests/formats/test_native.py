@@ -115,3 +115,13 @@ def test_completion_text_tolerates_odd_answers() -> None:
         None,
     )
     assert completion_text({}) == ("", None, None)
+
+
+def test_odd_chunks_are_skipped_and_nothing_follows_an_error() -> None:
+    shape = NativeStream("req_1", "p")
+    assert shape.feed(b'data: {"choices": {"0": {}}}\n\ndata: {"choices": 5}\n\ndata: [1]\n\n') == b""
+    assert shape.feed(b": keep-alive\n\n") == b": keep-alive\n\n"  # proxies see the stream is alive
+    first = shape.feed(b'data: {"error": {"message": "x"}}\n\n' + _chunk({"content": "late"}))
+    assert first.count(b"event: error") == 1 and b"late" not in first
+    assert shape.feed(_chunk({"content": "later"})) == b""
+    assert shape.error(502, "cut", "upstream_incomplete") == b""  # one error event per stream
