@@ -68,6 +68,9 @@ def interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[st
 
 
 T = TypeVar("T")
+# Every number in the config (and in admin API bodies, which go through the same reader) is bounded:
+# far above any real limit, price or timeout, and within what JSON encoders and Redis take (2^53).
+MAX_NUMBER = 1e15
 
 
 class _Reader:
@@ -115,9 +118,13 @@ class _Reader:
         except (TypeError, ValueError):
             self.problem(name, f"must be {getattr(kind, '__name__', 'valid')}, got {type(raw).__name__}")
             return default
-        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            self.problem(name, "must not be negative")
-            return default
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value < 0:
+                self.problem(name, "must not be negative")
+                return default
+            if not value <= MAX_NUMBER:  # also NaN and infinity
+                self.problem(name, f"must be at most {MAX_NUMBER:.0e}")
+                return default
         return value
 
     def child(self, name: str) -> _Reader:

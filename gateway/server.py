@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler
 import plugins
 from gateway import metrics
 from gateway.accounting import cost_usd
-from gateway.api import admin, health, native, openai, usage
+from gateway.api import admin, health, native, openai, openapi, usage
 from gateway.api.openai import gateway_headers
 from gateway.auth import Authenticator
 from gateway.capabilities import Catalog
@@ -350,4 +350,5 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
     admin.add_routes(app)
     usage.add_routes(app)
     health.add_routes(app)
+    openapi.add_routes(app)
     return app

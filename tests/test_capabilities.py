@@ -13,7 +13,6 @@ from gateway.errors import InvalidRequest
 from gateway.providers import create
 from gateway.routing import Router
 
-
 CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
 
 

@@ -24,9 +24,13 @@ def _date(value: str | None, default: dt.date, name: str) -> dt.date:
     if value is None:
         return default
     try:
-        return dt.date.fromisoformat(value)
+        date = dt.date.fromisoformat(value)
     except ValueError:
         raise InvalidRequest(f"{name} must be a date like 2026-01-31", param=name) from None
+    # Far from the calendar's ends, so the default range and the day loop cannot overflow.
+    if not 2000 <= date.year <= 2999:
+        raise InvalidRequest(f"{name} must be between 2000-01-01 and 2999-12-31", param=name)
+    return date
 
 
 async def usage(request: web.Request) -> web.Response:

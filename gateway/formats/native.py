@@ -88,15 +88,15 @@ def parse_request(body: dict[str, Any]) -> tuple[dict[str, Any], str | None, dic
             raise _bad("options.stop takes at most 4 sequences", "options.stop")
         chat["stop"] = stops
     model = options.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("options.model must be a string", "options.model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise _bad('options.model must be a model name, or "auto"', "options.model")
     requirements = options.get("requirements")
     if requirements is None:
         requirements = {}
     if not isinstance(requirements, dict):
         raise _bad("options.requirements must be an object", "options.requirements")
     _check_requirements(requirements)
-    return chat, None if model in (None, "", AUTO) else model, requirements
+    return chat, None if model in (None, AUTO) else model, requirements
 
 
 def _check_requirements(req: dict[str, Any]) -> None:

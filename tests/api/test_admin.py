@@ -491,3 +491,17 @@ async def test_plaintext_keys_never_reach_redis_or_the_logs(upstream, make_gatew
     for secret in (*keys, MASTER_KEY):
         assert secret not in dump, secret
         assert secret not in logs, secret
+
+
+@BACKENDS
+async def test_numbers_beyond_any_real_limit_are_refused_and_nothing_is_stored(
+    upstream, make_gateway, redis
+) -> None:
+    gw = await make_gateway(tenancy_config(upstream.url, redis=redis))
+    huge = {"id": "t-huge", "limits": {"max_parallel": 4238616804476904800256}}
+    status, body = await admin(gw, "POST", "/admin/teams", huge)
+    assert status == 400 and "limits.max_parallel" in body["error"]["message"]
+    status, body = await admin(gw, "POST", "/admin/keys", {"team": "team-a", "limits": {"rpm": 1e30}})
+    assert status == 400
+    status, teams = await admin(gw, "GET", "/admin/teams")
+    assert status == 200 and "t-huge" not in orjson.dumps(teams).decode()

@@ -259,3 +259,13 @@ async def test_usage_with_jwts(upstream, make_gateway) -> None:
     assert_report(report, "team-b", b)
     status, _ = await get_usage(gw, token(role="admin"))
     assert status == 400
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["end=0001-01-01", "start=0001-01-01&end=0001-01-03", "start=9999-12-31&end=9999-12-31"],
+)
+async def test_dates_at_the_calendars_ends_are_a_400(upstream, make_gateway, query: str) -> None:
+    gw = await make_gateway(tenancy_config(upstream.url, redis=False))
+    status, body = await gw.http("GET", f"/api/v1/usage?{query}", TEAM_KEY)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"

@@ -24,7 +24,7 @@ def test_options_become_openai_fields_and_nothing_else() -> None:
     assert model == "chat" and req == {}
 
 
-@pytest.mark.parametrize("model", [None, "", "auto"])
+@pytest.mark.parametrize("model", [None, "auto"])
 def test_absent_or_auto_model_means_selection(model: Any) -> None:
     options: dict[str, Any] = {"requirements": {"multimodal": True, "strengths": None}}
     if model is not None:
@@ -49,6 +49,7 @@ def test_absent_or_auto_model_means_selection(model: Any) -> None:
         ({"messages": MESSAGES, "options": {"topP": -1}}, "options.topP"),
         ({"messages": MESSAGES, "options": {"stop": ["a", "b", "c", "d", "e"]}}, "options.stop"),
         ({"messages": MESSAGES, "options": {"model": 3}}, "options.model"),
+        ({"messages": MESSAGES, "options": {"model": ""}}, "options.model"),
         (
             {"messages": MESSAGES, "options": {"requirements": {"minContext": 5}}},
             "options.requirements.minContext",
