@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from gateway.accounting import fits_window
 from gateway.context import UNKNOWN_MODEL, RequestContext
@@ -30,6 +31,22 @@ T = TypeVar("T")
 def new_context(
     request: web.Request, gw: Gateway, body: dict[str, Any], size: int, endpoint: str
 ) -> RequestContext:
+    """The context of an HTTP request (the edge middleware finishes it)."""
+    ctx = make_context(gw, request[REQUEST_ID], request.headers, body, size, endpoint)
+    request[CONTEXT] = ctx
+    return ctx
+
+
+def make_context(
+    gw: Gateway,
+    request_id: str,
+    headers: CIMultiDictProxy[str],
+    body: dict[str, Any],
+    size: int,
+    endpoint: str,
+) -> RequestContext:
+    """A context for ``body`` (an OpenAI chat or embeddings body); its caller finishes it
+    (``outcome.finish``) — the edge for HTTP requests, the GraphQL layer per operation."""
     model = body.get("model")
     if model is None or model == "":
         raise InvalidRequest(
@@ -38,11 +55,7 @@ def new_context(
     if not isinstance(model, str):
         raise InvalidRequest("model must be a string", param="model", code="invalid_type")
     route = gw.router.routes.get(model)
-    ctx = RequestContext(
-        request[REQUEST_ID], endpoint, body, route.model if route else UNKNOWN_MODEL, request.headers, size
-    )
-    request[CONTEXT] = ctx
-    return ctx
+    return RequestContext(request_id, endpoint, body, route.model if route else UNKNOWN_MODEL, headers, size)
 
 
 async def admit(gw: Gateway, ctx: RequestContext) -> web.StreamResponse | None:

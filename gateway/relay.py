@@ -16,6 +16,7 @@ import asyncio
 import math
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -304,21 +305,57 @@ async def relay_stream(
 ) -> web.StreamResponse:
     """Write the stream to the client as it arrives. Failures after this point become SSE errors.
 
-    Without a ``shape`` the upstream's bytes go out untouched; with one, each forwarded piece is
-    translated (the cache still records the upstream's OpenAI events)."""
+    Without a ``shape`` the upstream's bytes go out untouched (``write`` is the response's own
+    method: nothing in between); with one, each forwarded piece is translated."""
     response = web.StreamResponse(headers={**SSE_HEADERS, **ctx.response_headers})
+    try:
+        await response.prepare(request)
+    except BaseException:  # the client left before the head went out: free the upstream too
+        up.watchdog.stop()
+        up.resp.close()
+        raise
+    write: Callable[[bytes], Awaitable[None]]
+    if shape is None:
+        write = response.write
+
+        async def fail(status: int, message: str, code: str) -> None:
+            await response.write(sse_error_event(message, code=code))
+
+    else:
+        translate = shape.feed
+
+        async def write(data: bytes) -> None:
+            out = translate(data)
+            if out:
+                await response.write(out)
+
+        async def fail(status: int, message: str, code: str) -> None:
+            await response.write(shape.error(status, message, code))
+
+    await pump(ctx, up, write, fail)
+    if shape is not None and ctx.complete:
+        await response.write(shape.end(ctx))
+    await response.write_eof()
+    return response
+
+
+async def pump(
+    ctx: RequestContext,
+    up: OpenStream,
+    write: Callable[[bytes], Awaitable[None]],
+    fail: Callable[[int, str, str], Awaitable[None]],
+) -> None:
+    """Move an opened stream to ``write`` as it arrives (whole events, the upstream's bytes), moving
+    the idle deadline on data events; a failure after the first byte goes to ``fail``. At the end
+    ``ctx`` holds the usage, the error (if any) and whether the stream completed. A cancellation that
+    is not the watchdog's (the client left) propagates; the upstream connection is closed either way."""
     loop = asyncio.get_running_loop()
     scanner, wd, content = up.scanner, up.watchdog, up.resp.content
     failure: str | None = None
     cut = False
-    record = ctx.record  # the cache keeps what the client saw, to replay it
-
-    def error_event(status: int, message: str, code: str) -> bytes:
-        return shape.error(status, message, code) if shape else sse_error_event(message, code=code)
-
+    record = ctx.record  # the cache keeps the upstream's events, to replay them
     try:
-        await response.prepare(request)
-        await response.write(shape.feed(up.head) if shape else up.head)
+        await write(up.head)
         if record is not None:
             record.append(up.head)
         while True:
@@ -328,7 +365,7 @@ async def relay_stream(
                 # else may be half an event, so it is replaced by the error event below.
                 tail = scanner.finish()
                 if tail and scanner.done:
-                    await response.write(shape.feed(tail) if shape else tail)
+                    await write(tail)
                 cut = bool(tail) and not scanner.done
                 break
             seen = scanner.data_events
@@ -342,42 +379,28 @@ async def relay_stream(
             if out:
                 if record is not None:
                     record.append(out)
-                if shape is not None:
-                    out = shape.feed(out)
-                    if not out:
-                        continue
-                await response.write(out)
+                await write(out)
         if scanner.error is not None and not cut:
             failure = "upstream_stream_error"
         elif not scanner.done:
             failure = "upstream_incomplete"
-            await response.write(
-                error_event(502, "the upstream stream ended before completion", "upstream_incomplete")
-            )
+            await fail(502, "the upstream stream ended before completion", "upstream_incomplete")
     except asyncio.CancelledError:
         if not wd.absorb():
             raise  # the client went away: the finally below frees the upstream connection
         failure = f"upstream_{wd.expired}_timeout"
-        await response.write(
-            error_event(504, f"the upstream sent no data within the {wd.expired} timeout", "upstream_timeout")
-        )
+        await fail(504, f"the upstream sent no data within the {wd.expired} timeout", "upstream_timeout")
     except ConnectionResetError:
         raise  # our write to a client that left
     except aiohttp.ClientError:
         failure = "upstream_connection_lost"
-        await response.write(
-            error_event(502, "the upstream connection was lost mid-stream", "upstream_connection_lost")
-        )
+        await fail(502, "the upstream connection was lost mid-stream", "upstream_connection_lost")
     finally:
         wd.stop()
         up.resp.close()
         ctx.usage = Usage.from_json(scanner.usage) or _partial_usage(ctx, scanner)
     ctx.error = failure
     ctx.complete = failure is None and scanner.done and scanner.error is None
-    if shape is not None and ctx.complete:
-        await response.write(shape.end(ctx))
-    await response.write_eof()
-    return response
 
 
 def _partial_usage(ctx: RequestContext, scanner: SSEScanner) -> Usage:

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 import plugins
-from gateway import metrics
-from gateway.accounting import cost_usd
+from gateway import metrics, outcome
 from gateway.api import admin, health, native, openai, openapi, usage
 from gateway.api.openai import gateway_headers
 from gateway.auth import Authenticator
@@ -36,6 +32,7 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.logging import ACCESS, REDACTOR
+from gateway.outcome import clean_id, new_request_id
 from gateway.pipeline import Limiter, Pipeline, Services
 from gateway.probes import Prober
 from gateway.providers import Provider, create
@@ -51,61 +48,7 @@ from gateway.upstream_limits import UpstreamLimits
 log = structlog.get_logger("gateway")
 
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_PREFIX = os.urandom(4).hex()
-_counter = itertools.count(1)
 _LOGGED = ("/v1/", "/admin/", "/api/")
-_GENERATED = f"req_{_PREFIX}"
-
-
-def new_request_id() -> str:
-    # A random per-process prefix and a counter: unique, and far cheaper than uuid4 on the hot path.
-    return f"req_{_PREFIX}{next(_counter):08x}"
-
-
-class _RequestMetrics:
-    """Request counters and histograms with label children bound once per label set."""
-
-    def __init__(self) -> None:
-        self._counters: dict[tuple[str, str, int, str], Any] = {}
-        self._durations: dict[tuple[str, str], Any] = {}
-        self._ttft: dict[tuple[str, str], Any] = {}
-        self._spend: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-
-    def observe(
-        self, model: str, provider: str, status: int, team: str, elapsed: float, ttft: float | None
-    ) -> None:
-        key = (model, provider, status, team)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = metrics.REQUESTS.labels(model, provider, str(status), team)
-        counter.inc()
-        pair = (model, provider)
-        hist = self._durations.get(pair)
-        if hist is None:
-            hist = self._durations[pair] = metrics.REQUEST_DURATION.labels(model, provider)
-        hist.observe(elapsed)
-        if ttft is not None:
-            t = self._ttft.get(pair)
-            if t is None:
-                t = self._ttft[pair] = metrics.TTFT.labels(model, provider)
-            t.observe(ttft)
-
-    def spend(self, team: str, model: str, prompt: int, completion: int, cost: float) -> None:
-        key = (team, model)
-        children = self._spend.get(key)
-        if children is None:
-            children = self._spend[key] = (
-                metrics.TOKENS.labels(team, model, "prompt"),
-                metrics.TOKENS.labels(team, model, "completion"),
-                metrics.COST.labels(team, model),
-            )
-        children[0].inc(prompt)
-        children[1].inc(completion)
-        if cost:
-            children[2].inc(cost)
-
-
-_request_metrics = _RequestMetrics()
 in_flight = metrics.IN_FLIGHT_REQUESTS
 
 
@@ -181,11 +124,6 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-def _clean_id(rid: str) -> str:
-    # A client-chosen id could be key-shaped; the gateway's own never is.
-    return rid if rid.startswith(_GENERATED) else REDACTOR.clean(rid)
-
-
 def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyncio.Task[None] | None:
     """Settle the request with the plugins, then the one access line and the request metrics."""
     ctx: RequestContext | None = request.get(CONTEXT)
@@ -194,7 +132,7 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
             {
                 "event": "request",
                 "level": "info",
-                "request_id": _clean_id(rid),
+                "request_id": clean_id(rid),
                 "method": request.method,
                 "path": REDACTOR.clean(request.path),
                 "status": status,
@@ -202,54 +140,7 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
             }
         )
         return None
-    if ctx.error is not None and status == 200:
-        status = 502  # a stream that failed after it started: count it as the failure it was
-    ctx.status = status
-    usage = ctx.usage
-    if usage is not None and ctx.cost_usd is None and ctx.cache != "hit":
-        ctx.cost_usd = cost_usd(ctx.model.pricing, usage)
-    gw = request.app[GATEWAY]
-    settling = gw.pipeline.finish(ctx)
-    # A sample of the model's performance: an answer, or the upstreams' failure (a client's 4xx says
-    # nothing about the model).
-    if ctx.provider is not None and ctx.cache != "hit" and ctx.endpoint == "chat" and not 400 <= status < 500:
-        gw.performance.observe(
-            ctx.model.name, elapsed, ctx.ttft, usage.completion_tokens if usage else None, status >= 500
-        )
-    _request_metrics.observe(
-        ctx.model.name, ctx.provider or "none", status, ctx.team or "none", elapsed, ctx.ttft
-    )
-    if usage is not None and ctx.cache != "hit":
-        _request_metrics.spend(
-            ctx.team or "none",
-            ctx.model.name,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            ctx.cost_usd or 0.0,
-        )
-    ACCESS.write(
-        {
-            "event": "request",
-            "level": "info",
-            "request_id": _clean_id(rid),
-            "path": request.path,  # a routed /v1 path: fixed text
-            "team": ctx.team,
-            "model": ctx.model.name,
-            "provider": ctx.provider,
-            "upstream_model": ctx.upstream_model,
-            "status": status,
-            "stream": ctx.stream,
-            "attempts": ctx.attempts,
-            "latency_ms": round(elapsed * 1000, 2),
-            "ttft_ms": None if ctx.ttft is None else round(ctx.ttft * 1000, 2),
-            "prompt_tokens": usage.prompt_tokens if usage else None,
-            "completion_tokens": usage.completion_tokens if usage else None,
-            "cost_usd": ctx.cost_usd,
-            "cache": ctx.cache,
-            "error": ctx.error,
-        }
-    )
-    return settling
+    return outcome.finish(request.app[GATEWAY], ctx, status, elapsed, request.path)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
