@@ -205,6 +205,22 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GraphQLConfig:
+    enabled: bool = True
+    graphiql: bool = False  # the in-browser IDE at GET /graphql (it loads its assets from a CDN)
+    introspection: bool = True
+    legacy_protocol: bool = False  # the old graphql-ws subprotocol (auth is enforced on it too)
+    max_depth: int = 10
+    max_aliases: int = 15
+    max_query_bytes: int = 16384
+    max_subscriptions_per_connection: int = 10
+    max_subscriptions_per_team: int = 100
+    connection_init_timeout_seconds: float = 10.0
+    keepalive_seconds: float = 15.0  # server pings on idle connections
+    stream_subscribe_timeout_seconds: float = 30.0  # a started stream nobody subscribes to is cancelled
+
+
+@dataclass(frozen=True, slots=True)
 class JwtConfig:
     algorithms: tuple[str, ...]
     audience: str
@@ -230,6 +246,7 @@ class Config:
     rate_limiting: RateLimitingConfig = RateLimitingConfig()
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
+    graphql: GraphQLConfig = GraphQLConfig()
     plugins: tuple[str, ...] = DEFAULT_PLUGINS
     source: str = "<memory>"
 

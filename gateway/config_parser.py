@@ -25,6 +25,7 @@ from gateway.config import (
     CircuitBreakerConfig,
     Config,
     ConfigError,
+    GraphQLConfig,
     HealthConfig,
     JwtConfig,
     Limits,
@@ -386,6 +387,19 @@ def _routing(r: _Reader, provider_names: set[str]) -> RoutingConfig:
     )
 
 
+def _graphql(r: _Reader) -> GraphQLConfig:
+    d = GraphQLConfig()
+    r.known(*GraphQLConfig.__slots__)
+    config = GraphQLConfig(
+        **{name: r.get(name, type(getattr(d, name)), getattr(d, name)) for name in GraphQLConfig.__slots__}
+    )
+    for name in GraphQLConfig.__slots__:
+        value = getattr(config, name)
+        if not isinstance(value, bool) and value <= 0:
+            r.problem(name, "must be greater than 0")
+    return config
+
+
 def _jwt(r: _Reader) -> JwtConfig | None:
     if not r.data:
         return None
@@ -497,6 +511,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         "auth",
         "admin",
         "plugins",
+        "graphql",
     )
 
     s = root.child("server")
@@ -621,6 +636,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         rate_limiting=rate_limiting,
         health=health,
         metrics=metrics,
+        graphql=_graphql(root.child("graphql")),
         source=source,
     )
 

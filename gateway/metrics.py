@@ -84,3 +84,8 @@ SETTLEMENT_BACKLOG = Gauge(
     "Settlements (spend, usage, limit reconciliations) kept in memory until the state store books them.",
     multiprocess_mode="livesum",
 )
+GRAPHQL_OPERATIONS = Counter(
+    "llm_gateway_graphql_operations",
+    "GraphQL operations by type (query, mutation, subscription; invalid: not parsed).",
+    ["type"],
+)

@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler
 import plugins
 from gateway import metrics, outcome
 from gateway.api import admin, health, native, openai, openapi, usage
+from gateway.api.graphql import view as graphql
 from gateway.api.openai import gateway_headers
 from gateway.auth import Authenticator
 from gateway.capabilities import Catalog
@@ -238,6 +239,7 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
     app.cleanup_ctx.append(_capabilities)
     openai.add_routes(app)
     native.add_routes(app)
+    graphql.add_routes(app)
     admin.add_routes(app)
     usage.add_routes(app)
     health.add_routes(app)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway import config as gateway_config
 from gateway import config_parser as config_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,13 @@ def known_keys() -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "known":
             for arg in node.args:
+                if isinstance(arg, ast.Starred):  # known(*SomeConfig.__slots__): the dataclass's fields
+                    assert isinstance(arg.value, ast.Attribute) and arg.value.attr == "__slots__", ast.dump(
+                        arg
+                    )
+                    assert isinstance(arg.value.value, ast.Name), ast.dump(arg)
+                    names.update(getattr(gateway_config, arg.value.value.id).__slots__)
+                    continue
                 assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), ast.dump(arg)
                 names.add(arg.value)
     assert len(names) > 40, "the known(...) calls were not found; has gateway/config_parser.py changed shape?"

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from gateway import completion as core
 from gateway.api.health import detailed
@@ -31,7 +32,7 @@ from gateway.context import RequestContext
 from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied, RateLimited
 from gateway.formats import native
 from gateway.relay import SSE_HEADERS, relay_stream
-from gateway.runtime import GATEWAY, Gateway
+from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
 from gateway.state.base import Check
 
 JSON = "application/json"
@@ -57,41 +58,41 @@ def _allows(identity: Identity | None) -> Callable[[str], bool] | None:
     return identity.allows if identity is not None and identity.team is not None else None
 
 
-async def _context(
-    request: web.Request, gw: Gateway, body: dict[str, Any], size: int, identity: Identity | None
+async def prepare(
+    gw: Gateway,
+    request_id: str,
+    headers: CIMultiDictProxy[str],
+    body: dict[str, Any],
+    size: int,
+    identity: Identity | None,
 ) -> RequestContext:
+    """An ``LLMRequest`` as a request context (the model chosen when it asks for "auto"); shared by
+    the REST routes and GraphQL. ``identity``: the caller when already known (a ticket, a socket)."""
     chat, model, requirements = native.parse_request(body)
     if model is None:
         if identity is None and gw.authenticates:
-            identity = await gw.auth.identify(request.headers)
+            identity = await gw.auth.identify(headers)
         model = gw.catalog.select(requirements, core.allowed_models(gw, _allows(identity)), chat)
-        chat["model"] = model
-        ctx = core.new_context(request, gw, chat, size, "chat")
+    chat["model"] = model
+    ctx = core.make_context(gw, request_id, headers, chat, size, "chat")
+    if model != (body.get("options") or {}).get("model"):
         ctx.response_headers["x-gateway-model"] = model
-    else:
-        chat["model"] = model
-        ctx = core.new_context(request, gw, chat, size, "chat")
     ctx.presented = identity
     return ctx
 
 
-# -- completions --------------------------------------------------------------------------------
-async def complete(request: web.Request) -> web.StreamResponse:
-    gw = request.app[GATEWAY]
-    body, size = await read_json(request, gw.config.server.max_body_bytes)
-    ctx = await _context(request, gw, body, size, None)
-    answer = await core.admit(gw, ctx)
-    if answer is not None:
-        if ctx.cache != "hit" or not isinstance(answer, web.Response):
-            return answer
-        assert isinstance(answer.body, bytes)
-        parsed = orjson.loads(answer.body)  # the cached chat.completion
-    else:
-        result = await core.unary(gw, ctx)
-        ctx.response_body, ctx.complete = result.body, True
-        parsed = result.parsed
+async def _context(
+    request: web.Request, gw: Gateway, body: dict[str, Any], size: int, identity: Identity | None
+) -> RequestContext:
+    ctx = await prepare(gw, request[REQUEST_ID], request.headers, body, size, identity)
+    request[CONTEXT] = ctx
+    return ctx
+
+
+def answer(gw: Gateway, ctx: RequestContext, parsed: dict[str, Any]) -> dict[str, Any]:
+    """The ``LLMResponse`` of a finished chat.completion."""
     content, finish, upstream_id = native.completion_text(parsed)
-    response = {
+    return {
         "id": upstream_id or ctx.request_id,
         "content": content,
         "model": ctx.model.name,
@@ -104,7 +105,28 @@ async def complete(request: web.Request) -> web.StreamResponse:
         "latencyMs": round((time.perf_counter() - ctx.started) * 1000, 2),
         "capabilities": gw.catalog.json[ctx.model.name],
     }
-    return _json(response)
+
+
+async def run(gw: Gateway, ctx: RequestContext) -> tuple[web.StreamResponse | None, dict[str, Any] | None]:
+    """Admit and complete (non-stream): (a plugin's own answer, None) or (None, the LLMResponse)."""
+    reply = await core.admit(gw, ctx)
+    if reply is not None:
+        if ctx.cache != "hit" or not isinstance(reply, web.Response):
+            return reply, None
+        assert isinstance(reply.body, bytes)
+        return None, answer(gw, ctx, orjson.loads(reply.body))  # the cached chat.completion
+    result = await core.unary(gw, ctx)
+    ctx.response_body, ctx.complete = result.body, True
+    return None, answer(gw, ctx, result.parsed)
+
+
+# -- completions --------------------------------------------------------------------------------
+async def complete(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    body, size = await read_json(request, gw.config.server.max_body_bytes)
+    ctx = await _context(request, gw, body, size, None)
+    reply, response = await run(gw, ctx)
+    return reply if reply is not None else _json(response)
 
 
 async def complete_stream(request: web.Request) -> web.StreamResponse:

@@ -87,6 +87,7 @@ TAGS = {
     "Usage": "Requests, tokens and spend per team.",
     "Health": "Liveness, readiness, detailed health, Prometheus.",
     "Docs": "This document and its browsable reference.",
+    "GraphQL": "Queries and mutations over HTTP POST; subscriptions over WebSocket (docs/graphql.md).",
 }
 
 
@@ -99,6 +100,8 @@ def _tag(path: str) -> str:
         return "Usage"
     if path.startswith(("/health/", "/metrics")) or path.endswith("/health"):
         return "Health"
+    if path == "/graphql":
+        return "GraphQL"
     return "Docs" if path.startswith(("/docs", "/openapi")) else "Native API"
 
 
@@ -257,6 +260,35 @@ def _paths() -> dict[str, dict[str, Any]]:
     add("get", "/metrics", "metrics", "Prometheus metrics", ok("The text format.", STRING, "text/plain"), 401,
         security=[{}, {"bearer": []}],
         description="Needs `Authorization: Bearer TOKEN` when `metrics.bearer_token` is set.")
+    graphql_result = {
+        "type": "object",
+        "properties": {
+            "data": {"type": ["object", "null"]},
+            "errors": {"type": "array", "items": {"type": "object", "required": ["message"]}},
+        },
+    }
+    graphql_request = {
+        "type": "object",
+        "required": ["query"],
+        "properties": {
+            "query": STRING,
+            "variables": {"type": ["object", "null"]},
+            "operationName": {"type": ["string", "null"]},
+        },
+    }
+    add("post", "/graphql", "graphql", "GraphQL queries and mutations",
+        {**ok("The result; GraphQL errors (extensions.code: the native LLMErrorType) are in `errors`.",
+              graphql_result),
+         **ok("Not a GraphQL request (strawberry's plain-text reason).", STRING, "text/plain", status=400)},
+        requestBody={"required": True, "content": _content(
+            "application/json", graphql_request, {"query": "{ models { name } }"})},
+        description="Keys as on the REST routes. Subscriptions are refused here: they run over the "
+        "WebSocket at GET /graphql.")
+    add("get", "/graphql", "graphqlSocket", "GraphQL subscriptions (WebSocket upgrade, graphql-transport-ws)",
+        {"101": {"description": "Switching to the WebSocket; the key goes in connection_init's payload."},
+         **ok("No WebSocket upgrade was asked for (and GraphiQL is off).", STRING, "text/plain", status=404),
+         **ok("GraphiQL, when `graphql.graphiql` is on.", STRING, "text/html")},
+        security=PUBLIC)
     add("get", "/openapi.json", "openapi", "This document", ok("OpenAPI 3.1.", {"type": "object"}))
     add("get", "/docs", "docs", "API reference (HTML)", ok("The page.", STRING, "text/html"))
     add("get", "/docs/{asset}", "docsAsset", "The reference page's script and style sheet",

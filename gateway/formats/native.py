@@ -8,6 +8,7 @@ upstream event in, at most one native event out, never re-reading what was alrea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -142,6 +143,44 @@ def completion_text(parsed: dict[str, Any]) -> tuple[str, str | None, str | None
     )
 
 
+UPSTREAM_STREAM_ERROR = "the upstream reported an error mid-stream"
+
+
+def chunk_events(data: bytes) -> Iterator[tuple[str, str]]:
+    """What whole OpenAI ``chat.completion.chunk`` events say, in order: ("content", text delta),
+    ("finish", finish reason), ("comment", an SSE comment line) or ("error", ""). Role-only and
+    usage-only chunks, odd shapes and ``[DONE]`` say nothing. Each event is decoded once."""
+    for line in data.split(b"\n"):
+        if line.startswith(b":"):
+            yield "comment", line.decode("utf-8", "replace")
+            continue
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload or payload == b"[DONE]":
+            continue
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        if event.get("error"):
+            yield "error", ""
+            continue
+        choices = event.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            continue
+        choice = choices[0]
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(text, str) and text:
+            yield "content", text
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str):
+            yield "finish", finish
+
+
 def sse_event(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
@@ -166,37 +205,16 @@ class NativeStream:
         if self.failed:
             return b""  # after an error event nothing more goes out
         out = []
-        for line in data.split(b"\n"):
-            if line.startswith(b":"):
-                out.append(line + b"\n\n")  # keep-alive comments keep idle proxies from cutting the stream
-                continue
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if not payload or payload == b"[DONE]":
-                continue
-            try:
-                event = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            if event.get("error"):
-                out.append(
-                    self.error(502, "the upstream reported an error mid-stream", "upstream_stream_error")
-                )
+        for kind, value in chunk_events(data):
+            if kind == "content":
+                out.append(b'data: {"content":' + orjson.dumps(value) + b',"done":false}\n\n')
+            elif kind == "finish":
+                self.finish_reason = value
+            elif kind == "comment":
+                out.append(value.encode() + b"\n\n")  # keep-alives keep idle proxies from cutting the stream
+            else:
+                out.append(self.error(502, UPSTREAM_STREAM_ERROR, "upstream_stream_error"))
                 break
-            choices = event.get("choices")
-            if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-                continue
-            choice = choices[0]
-            delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(text, str) and text:
-                out.append(b'data: {"content":' + orjson.dumps(text) + b',"done":false}\n\n')
-            finish = choice.get("finish_reason")
-            if isinstance(finish, str):
-                self.finish_reason = finish
         return b"".join(out)
 
     def error(self, status: int, message: str, code: str | None) -> bytes:

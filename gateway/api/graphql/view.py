@@ -1,0 +1,207 @@
+"""``/graphql`` on the aiohttp app: queries and mutations over HTTP POST, subscriptions over WebSocket.
+
+- Keys: the same headers as REST over HTTP; on a socket, ``connection_init``'s payload
+  (``{"authorization": "Bearer KEY"}``) or the upgrade request's headers. A bad or missing key closes
+  the socket with 4403 before any operation runs; no ``connection_init`` in time closes it with 4408.
+- ``graphql-transport-ws`` only, unless ``graphql.legacy_protocol`` (whose ``connection_init`` is
+  authenticated the same way, and whose operations are refused on an unauthenticated socket anyway).
+- Guards: document size, depth and aliases (``guards``), introspection on/off, subscriptions per
+  socket and per team, server pings. Unexpected exceptions are masked: ``extensions.code`` UNKNOWN and
+  a request id, never a trace. Each operation is counted by type.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from graphql import (
+    ASTValidationRule,
+    ExecutionResult,
+    GraphQLError,
+    OperationDefinitionNode,
+    OperationType,
+    ValidationContext,
+    parse,
+)
+from multidict import CIMultiDict, CIMultiDictProxy
+from strawberry.aiohttp.views import GraphQLView
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.extensions import AddValidationRules, MaskErrors, SchemaExtension
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
+
+from gateway import metrics
+from gateway.api.graphql import guards
+from gateway.api.graphql.schema import build_schema
+from gateway.api.graphql.streams import Streams
+from gateway.errors import GatewayError
+from gateway.runtime import GATEWAY, REQUEST_ID, Gateway
+from gateway.state.base import StoreUnavailable
+
+log = structlog.get_logger("gateway.graphql")
+STREAMS = web.AppKey("graphql_streams", Streams)
+
+
+def _size_rule(max_bytes: int) -> type[ASTValidationRule]:
+    class DocumentSize(ASTValidationRule):
+        def __init__(self, context: ValidationContext) -> None:
+            super().__init__(context)
+            loc = context.document.loc
+            if loc is not None:
+                try:
+                    guards.check_size(loc.source.body, max_bytes)
+                except ValueError as exc:
+                    context.report_error(GraphQLError(str(exc), extensions={"code": "INVALID_REQUEST"}))
+
+    return DocumentSize
+
+
+class _Mask(MaskErrors):
+    """GraphQL errors the gateway raised (they carry ``extensions.code``) and validation errors go out
+    as they are; anything else is logged and masked."""
+
+    def __init__(self) -> None:
+        super().__init__(should_mask_error=_unexpected, error_message="internal error")
+
+    def anonymise_error(self, error: GraphQLError) -> GraphQLError:
+        context = self.execution_context.context
+        request_id = context.get("request_id") if isinstance(context, dict) else None
+        log.error("graphql_unhandled_error", request_id=request_id, exc_info=error.original_error)
+        masked = super().anonymise_error(error)
+        masked.extensions = {"code": "UNKNOWN", "requestId": request_id}
+        return masked
+
+
+def _unexpected(error: GraphQLError) -> bool:
+    original = error.original_error
+    return original is not None and not isinstance(original, GraphQLError)
+
+
+class _CountOperations(SchemaExtension):
+    def on_operation(self) -> Iterator[None]:
+        yield
+        try:
+            kind = self.execution_context.operation_type.value
+        except (RuntimeError, AttributeError):  # the document did not parse: no operation type
+            kind = "invalid"
+        metrics.GRAPHQL_OPERATIONS.labels(kind).inc()
+
+
+class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
+    def __init__(self, gw: Gateway, streams: Streams) -> None:
+        settings = gw.config.graphql
+        rules = guards.validation_rules(
+            max_depth=settings.max_depth,
+            max_aliases=settings.max_aliases,
+            introspection=settings.introspection,
+        )
+        rules.append(_size_rule(settings.max_query_bytes))
+        extensions: list[Callable[[], SchemaExtension]] = [
+            lambda: AddValidationRules(rules),
+            _Mask,
+            _CountOperations,
+        ]
+        protocols = [GRAPHQL_TRANSPORT_WS_PROTOCOL] + (
+            [GRAPHQL_WS_PROTOCOL] if settings.legacy_protocol else []
+        )
+        super().__init__(
+            schema=build_schema(extensions),
+            graphql_ide="graphiql" if settings.graphiql else None,
+            allow_queries_via_get=False,
+            keep_alive=True,
+            keep_alive_interval=settings.keepalive_seconds,
+            subscription_protocols=protocols,
+            connection_init_wait_timeout=dt.timedelta(seconds=settings.connection_init_timeout_seconds),
+            max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+        )
+        self.gw, self.streams = gw, streams
+
+    async def execute_operation(
+        self,
+        request: web.Request,
+        request_adapter: Any,
+        request_data: Any,
+        context: dict[str, Any],
+        root_value: Any,
+        sub_response: Any,
+    ) -> Any:
+        # strawberry would run a subscription sent over HTTP as if it were a query: refuse it clearly.
+        if not isinstance(request_data, list) and _is_subscription(
+            request_data.query, request_data.operation_name
+        ):
+            error = GraphQLError(
+                "subscriptions run over a WebSocket (graphql-transport-ws), not HTTP POST",
+                extensions={"code": "INVALID_REQUEST", "requestId": context["request_id"]},
+            )
+            return ExecutionResult(data=None, errors=[error])
+        return await super().execute_operation(
+            request, request_adapter, request_data, context, root_value, sub_response
+        )
+
+    def decode_json(self, data: str | bytes) -> object:
+        # orjson, as everywhere else; invalid UTF-8 is a JSON error (400), not a crash (500).
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise json.JSONDecodeError("invalid JSON", "", 0) from exc
+
+    async def get_context(self, request: web.Request, response: Any) -> dict[str, Any]:
+        return {
+            "request": request,
+            "gw": self.gw,
+            "streams": self.streams,
+            "ws": request.headers.get("Upgrade", "").lower() == "websocket",
+            "identity": None,
+            "request_id": request[REQUEST_ID],
+        }
+
+    async def on_ws_connect(self, context: dict[str, Any]) -> None:
+        """Authenticate the socket once, from connection_init's payload or the upgrade's headers."""
+        if not self.gw.authenticates:
+            return
+        params = context.get("connection_params")
+        headers = CIMultiDict(context["request"].headers)
+        if isinstance(params, dict):
+            token = params.get("authorization") or params.get("Authorization")
+            if isinstance(token, str) and token:
+                headers["Authorization"] = token if " " in token else f"Bearer {token}"
+        try:
+            context["identity"] = await self.gw.auth.identify(CIMultiDictProxy(headers))
+        except (GatewayError, StoreUnavailable):
+            raise ConnectionRejectionError from None
+
+
+def _is_subscription(query: Any, operation_name: str | None) -> bool:
+    if not isinstance(query, str) or "subscription" not in query:
+        return False  # the usual case: no parse here (strawberry parses it once, next)
+    try:
+        document = parse(query)
+    except GraphQLError:
+        return False  # strawberry reports the syntax error
+    for definition in document.definitions:
+        if isinstance(definition, OperationDefinitionNode) and (
+            operation_name is None or (definition.name and definition.name.value == operation_name)
+        ):
+            return definition.operation == OperationType.SUBSCRIPTION
+    return False
+
+
+async def _streams(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[STREAMS].close()
+
+
+def add_routes(app: web.Application) -> None:
+    gw = app[GATEWAY]
+    if not gw.config.graphql.enabled:
+        return
+    streams = app[STREAMS] = Streams(gw)
+    app.cleanup_ctx.append(_streams)
+    view = GatewayGraphQLView(gw, streams)
+    app.router.add_route("GET", "/graphql", view)
+    app.router.add_route("POST", "/graphql", view)
