@@ -113,7 +113,7 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
             schema=build_schema(extensions),
             graphql_ide="graphiql" if settings.graphiql else None,
             allow_queries_via_get=False,
-            keep_alive=True,
+            keep_alive=True,  # (legacy graphql-ws "ka" messages)
             keep_alive_interval=settings.keepalive_seconds,
             subscription_protocols=protocols,
             connection_init_wait_timeout=dt.timedelta(seconds=settings.connection_init_timeout_seconds),
@@ -142,6 +142,20 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
         return await super().execute_operation(
             request, request_adapter, request_data, context, root_value, sub_response
         )
+
+    async def create_websocket_response(
+        self, request: web.Request, subprotocol: str | None
+    ) -> web.WebSocketResponse:
+        # Server pings are WebSocket ping frames (strawberry's graphql-transport-ws handler sends none):
+        # a peer that stops answering them is closed. Messages are bounded like HTTP bodies.
+        settings = self.gw.config.graphql
+        ws = web.WebSocketResponse(
+            protocols=[subprotocol] if subprotocol else [],
+            heartbeat=settings.keepalive_seconds,
+            max_msg_size=max(settings.max_query_bytes * 4, 1024 * 1024),
+        )
+        await ws.prepare(request)
+        return ws
 
     def decode_json(self, data: str | bytes) -> object:
         # orjson, as everywhere else; invalid UTF-8 is a JSON error (400), not a crash (500).

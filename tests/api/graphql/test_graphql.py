@@ -345,3 +345,52 @@ async def test_per_team_stream_limit(upstream: Upstream, make_gateway: Any) -> N
     assert [("errors" in r) for r in results] == [False, False, True]
     assert results[2]["errors"][0]["extensions"]["code"] == "RATE_LIMIT"
     await asyncio.sleep(0)
+
+
+async def test_a_started_stream_nobody_takes_is_cancelled_upstream(
+    upstream: Upstream, make_gateway: Any
+) -> None:
+    cfg = tenancy_config(upstream.url)
+    cfg["graphql"] = {"stream_subscribe_timeout_seconds": 0.3}
+    gw = await make_gateway(cfg)
+    upstream.state.faults["mock-chat"] = {"chunk_delay": 0.2}
+    long = [{"role": "user", "content": " ".join(["w"] * 40)}]
+    stream_id = (await gql(gw, START_STREAM, {"messages": long}))["data"]["startStream"]
+    await eventually(lambda: upstream.state.requests)
+    record = upstream.state.requests[-1]
+    await eventually(lambda: record.disconnected, within=2.0)
+    socket = await Socket.connect(gw, {"authorization": f"Bearer {TEAM_KEY}"})
+    assert (await socket.receive())["type"] == "connection_ack"
+    await socket.subscribe("1", STREAM_COMPLETION, {"id": stream_id})
+    _, errors = await socket.collect("1")
+    await socket.close()
+    assert errors[0]["extensions"]["errorCode"] == "stream_not_found"
+
+
+async def test_subscriptions_per_connection_are_bounded_and_the_server_pings(
+    upstream: Upstream, make_gateway: Any
+) -> None:
+    cfg = tenancy_config(upstream.url)
+    cfg["graphql"] = {"max_subscriptions_per_connection": 1, "keepalive_seconds": 0.2}
+    gw = await make_gateway(cfg)
+    upstream.state.faults["mock-chat"] = {"chunk_delay": 0.3}
+    socket = await Socket.connect(gw, {"authorization": f"Bearer {TEAM_KEY}"})
+    assert (await socket.receive())["type"] == "connection_ack"
+    long = {"input": {"messages": [{"role": "user", "content": " ".join(["w"] * 20)}]}}
+    await socket.subscribe("1", COMPLETION_STREAM, long)
+    await socket.subscribe("2", COMPLETION_STREAM, long)
+    seen = []
+    while not any(m.get("id") == "2" for m in seen) and len(seen) < 50:
+        seen.append(await socket.receive())
+    refused = next(m for m in seen if m.get("id") == "2")
+    assert refused["type"] == "error"
+    await socket.close()
+    # The server pings an idle socket (WebSocket ping frames, which browsers and clients answer).
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(
+            gw.root.replace("http", "ws") + "/graphql", protocols=["graphql-transport-ws"], autoping=False
+        )
+        await ws.send_json({"type": "connection_init", "payload": {"authorization": f"Bearer {TEAM_KEY}"}})
+        assert (await ws.receive(timeout=2)).json()["type"] == "connection_ack"
+        assert (await ws.receive(timeout=2)).type == aiohttp.WSMsgType.PING
+        await ws.close()
