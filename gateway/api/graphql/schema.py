@@ -16,11 +16,13 @@ import orjson
 import strawberry
 from graphql import GraphQLError
 from multidict import CIMultiDictProxy
-from strawberry.types import Info
+from strawberry.types import ExecutionResult, Info
+from strawberry.types.execution import PreExecutionError
 
 from gateway import completion as core
 from gateway import outcome
 from gateway.api import native as native_api
+from gateway.api.graphql.guards import check_size
 from gateway.api.graphql.streams import PATH, CompletionStream, Delta, Done, Streams
 from gateway.api.health import provider_status
 from gateway.auth import Identity
@@ -416,10 +418,14 @@ async def _start(
     owner = identity.team.id if identity is not None and identity.team is not None else "_anonymous"
     chosen = stream_id if stream_id is not None else outcome.new_request_id().replace("req_", "stream_")
     try:
-        streams.check_id(owner, chosen)
+        streams.reserve(owner, chosen)
     except GatewayError as exc:
         raise graphql_error(exc, info.context["request_id"]) from None
-    stream, team = await _open(info, messages, options)
+    try:
+        stream, team = await _open(info, messages, options)
+    except BaseException:
+        streams.release(owner, chosen)
+        raise
     streams.keep(team, chosen, stream)
     return chosen
 
@@ -473,10 +479,40 @@ class Subscription:
 
 
 class _Schema(strawberry.Schema):
+    max_query_bytes: int | None = None
+
     def process_errors(self, errors: list[GraphQLError], execution_context: Any = None) -> None:
         """Client errors are answers, not server events: strawberry would log each one with a trace
         (any client could flood the logs). Unexpected ones are logged where they are masked."""
 
+    def _oversized(self, query: str | None) -> PreExecutionError | None:
+        """SECURITY: the size limit applies before the document is parsed (parsing megabytes of
+        GraphQL would hold the event loop for seconds), on HTTP and on sockets alike."""
+        if self.max_query_bytes is None or not isinstance(query, str):
+            return None
+        try:
+            check_size(query, self.max_query_bytes)
+        except ValueError as exc:
+            return PreExecutionError(
+                data=None, errors=[GraphQLError(str(exc), extensions={"code": "INVALID_REQUEST"})]
+            )
+        return None
 
-def build_schema(extensions: list[Any]) -> strawberry.Schema:
-    return _Schema(query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions)
+    async def execute(self, query: str | None, *args: Any, **kwargs: Any) -> ExecutionResult:
+        return self._oversized(query) or await super().execute(query, *args, **kwargs)
+
+    async def stream(self, query: str | None, *args: Any, **kwargs: Any) -> Any:
+        refused = self._oversized(query)
+        if refused is None:
+            return await super().stream(query, *args, **kwargs)
+
+        async def one() -> AsyncGenerator[PreExecutionError, None]:
+            yield refused
+
+        return one()
+
+
+def build_schema(extensions: list[Any], max_query_bytes: int | None = None) -> strawberry.Schema:
+    schema = _Schema(query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions)
+    schema.max_query_bytes = max_query_bytes
+    return schema

@@ -147,7 +147,7 @@ class CompletionStream:
 class Streams:
     def __init__(self, gw: Gateway) -> None:
         self.settings = gw.config.graphql
-        self._started: dict[tuple[str, str], CompletionStream] = {}
+        self._started: dict[tuple[str, str], CompletionStream | None] = {}  # None: being opened
         self._live: dict[str, int] = {}  # team -> subscriptions and started streams on this instance
 
     def enter(self, team: str) -> None:
@@ -167,7 +167,8 @@ class Streams:
         else:
             self._live.pop(team, None)
 
-    def check_id(self, team: str, stream_id: str) -> None:
+    def reserve(self, team: str, stream_id: str) -> None:
+        """Claim the id before anything is awaited, so two concurrent starts cannot both take it."""
         if not 1 <= len(stream_id) <= 64:
             raise InvalidRequest(
                 "streamId must be 1 to 64 characters", param="streamId", code="invalid_stream_id"
@@ -176,6 +177,12 @@ class Streams:
             raise InvalidRequest(
                 f"streamId {stream_id!r} is already in use", param="streamId", code="stream_id_in_use"
             )
+        self._started[(team, stream_id)] = None
+
+    def release(self, team: str, stream_id: str) -> None:
+        """A reserved id whose stream never opened (refused): free it."""
+        if (team, stream_id) in self._started and self._started[(team, stream_id)] is None:
+            del self._started[(team, stream_id)]
 
     def keep(self, team: str, stream_id: str, stream: CompletionStream) -> None:
         """Hold a started stream for its subscriber; cancel it if none comes in time."""
@@ -192,10 +199,14 @@ class Streams:
 
     def take(self, team: str, stream_id: str) -> CompletionStream | None:
         """The team's started stream, for its one subscriber (another team never finds it)."""
-        return self._started.pop((team, stream_id), None)
+        if self._started.get((team, stream_id)) is None:
+            return None  # unknown, or still being opened
+        return self._started.pop((team, stream_id))
 
     async def close(self) -> None:
         for stream in list(self._started.values()):
+            if stream is None:
+                continue
             stream.cancel()
             if stream.task is not None:
                 with contextlib.suppress(asyncio.CancelledError):

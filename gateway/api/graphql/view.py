@@ -21,12 +21,10 @@ import orjson
 import structlog
 from aiohttp import web
 from graphql import (
-    ASTValidationRule,
     ExecutionResult,
     GraphQLError,
     OperationDefinitionNode,
     OperationType,
-    ValidationContext,
     parse,
 )
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -45,20 +43,6 @@ from gateway.state.base import StoreUnavailable
 
 log = structlog.get_logger("gateway.graphql")
 STREAMS = web.AppKey("graphql_streams", Streams)
-
-
-def _size_rule(max_bytes: int) -> type[ASTValidationRule]:
-    class DocumentSize(ASTValidationRule):
-        def __init__(self, context: ValidationContext) -> None:
-            super().__init__(context)
-            loc = context.document.loc
-            if loc is not None:
-                try:
-                    guards.check_size(loc.source.body, max_bytes)
-                except ValueError as exc:
-                    context.report_error(GraphQLError(str(exc), extensions={"code": "INVALID_REQUEST"}))
-
-    return DocumentSize
 
 
 class _Mask(MaskErrors):
@@ -100,7 +84,6 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
             max_aliases=settings.max_aliases,
             introspection=settings.introspection,
         )
-        rules.append(_size_rule(settings.max_query_bytes))
         extensions: list[Callable[[], SchemaExtension]] = [
             lambda: AddValidationRules(rules),
             _Mask,
@@ -110,7 +93,7 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
             [GRAPHQL_WS_PROTOCOL] if settings.legacy_protocol else []
         )
         super().__init__(
-            schema=build_schema(extensions),
+            schema=build_schema(extensions, settings.max_query_bytes),
             graphql_ide="graphiql" if settings.graphiql else None,
             allow_queries_via_get=False,
             keep_alive=True,  # (legacy graphql-ws "ka" messages)

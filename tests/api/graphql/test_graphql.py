@@ -394,3 +394,37 @@ async def test_subscriptions_per_connection_are_bounded_and_the_server_pings(
         assert (await ws.receive(timeout=2)).json()["type"] == "connection_ack"
         assert (await ws.receive(timeout=2)).type == aiohttp.WSMsgType.PING
         await ws.close()
+
+
+async def test_an_oversized_document_is_refused_before_it_is_parsed(
+    upstream: Upstream, make_gateway: Any
+) -> None:
+    cfg = tenancy_config(upstream.url)
+    cfg["graphql"] = {"max_query_bytes": 1000}
+    gw = await make_gateway(cfg)
+    # Megabytes of fields would take seconds to parse; the answer comes at once.
+    huge = "{ " + "listProviders " * 50_000 + "}"
+    data = await gql(gw, huge)
+    assert "over the limit of 1000 bytes" in data["errors"][0]["message"]
+    socket = await Socket.connect(gw, {"authorization": f"Bearer {TEAM_KEY}"})
+    assert (await socket.receive())["type"] == "connection_ack"
+    await socket.subscribe(
+        "1", "subscription { " + " " * 2000 + "completionStream(input: {messages: []}) { content } }", None
+    )
+    _, errors = await socket.collect("1")
+    await socket.close()
+    assert "over the limit" in errors[0]["message"]
+
+
+async def test_concurrent_starts_cannot_share_a_stream_id(upstream: Upstream, make_gateway: Any) -> None:
+    cfg = tenancy_config(upstream.url, limits={"rpm": 100})
+    cfg["graphql"] = {"max_subscriptions_per_team": 3}
+    gw = await make_gateway(cfg)
+    mutation = """mutation ($m: [ChatMessageInput!]!, $id: String) {
+      startStreamCompletion(messages: $m, streamId: $id)
+    }"""
+    results = await asyncio.gather(*(gql(gw, mutation, {"m": MESSAGES, "id": "same"}) for _ in range(3)))
+    assert sum(1 for r in results if r.get("data") and r["data"]["startStreamCompletion"]) == 1
+    # The refused ones hold no slot: the team can still start its other two streams.
+    for stream_id in ("a", "b"):
+        assert (await gql(gw, mutation, {"m": MESSAGES, "id": stream_id}))["data"]["startStreamCompletion"]
