@@ -7,6 +7,10 @@ Starts three servers on 127.0.0.1, each its own process:
   gateway  ``llm-gateway serve --config load/bench.yaml`` in front of the mock, default (info)
            logging with stdout sent to /dev/null: the access line is part of the measured path
 
+With ``--native``, a fourth target, ``native``: the same gateway process driven through its native
+API (``/api/v1/llm/complete`` and ``.../complete/stream``) instead of ``/v1/chat/completions``, with
+the median of the per-round ratios native/gateway for req/s and CPU per request.
+
 then drives closed-loop load with ``wrk`` (or ``load/loadgen.py`` when wrk is not installed) in
 interleaved rounds, non-stream and stream, at ``--concurrency`` and at concurrency 1, and prints
 medians plus the median of the per-round ratios gateway/bare and gateway/direct. See load/README.md.
@@ -14,6 +18,7 @@ medians plus the median of the per-round ratios gateway/bare and gateway/direct.
     .venv/bin/python load/bench.py                  # full run (5-9 min: noisy rounds are redone)
     .venv/bin/python load/bench.py --quick          # smoke run (~1 min)
     .venv/bin/python load/bench.py --json out.json  # also write a JSON summary
+    .venv/bin/python load/bench.py --native         # also the native API on the same gateway
 """
 
 from __future__ import annotations
@@ -44,10 +49,13 @@ ROOT = HERE.parent
 HOST = "127.0.0.1"  # every process binds here and every request goes here
 PATH = "/v1/chat/completions"
 TARGETS = ("direct", "bare", "gateway")
+NATIVE = "native"  # --native: the gateway process again, through its native API
+NATIVE_PATHS = {"non-stream": "/api/v1/llm/complete", "stream": "/api/v1/llm/complete/stream"}
 MODES = ("non-stream", "stream")
 UPSTREAM_MODEL = "mock-chat"  # must match the target model in load/bench.yaml
 GOAL_THROUGHPUT = 0.8  # gateway req/s >= 0.8x bare proxy
 GOAL_P50_C1_MS = 0.3  # gateway p50 at concurrency 1 within 0.3 ms of the bare proxy
+GOAL_NATIVE_CPU = 1.1  # a native non-stream completion costs <= 1.1x the CPU of the same on /v1
 
 # The gateway's team key when the config has auth on (load/bench-plugins.yaml); the mock and the
 # bare proxy ignore it.
@@ -216,11 +224,11 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def post(port: int, body: bytes, timeout: float = 5.0) -> tuple[int, str, bytes]:
+def post(port: int, path: str, body: bytes, timeout: float = 5.0) -> tuple[int, str, bytes]:
     # http.client, not urllib: no proxy environment variable can send this anywhere but loopback.
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        conn.request("POST", PATH, body=body, headers=REQUEST_HEADERS)
+        conn.request("POST", path, body=body, headers=REQUEST_HEADERS)
         resp = conn.getresponse()
         return resp.status, resp.getheader("Content-Type", ""), resp.read()
     finally:
@@ -230,13 +238,22 @@ def post(port: int, body: bytes, timeout: float = 5.0) -> tuple[int, str, bytes]
 # --------------------------------------------------------------------------- workload
 
 
-def request_body(model: str, stream: bool, chunks: int) -> bytes:
+def request_path(target: str, mode: str) -> str:
+    return NATIVE_PATHS[mode] if target == NATIVE else PATH
+
+
+def request_body(target: str, model: str, stream: bool, chunks: int) -> bytes:
     # The mock answers "Mock answer: <last message>" and streams one chunk per word, so a prompt of
     # chunks-2 words gives `chunks` content chunks (plus the role chunk, the stop chunk and [DONE]).
     words = " ".join(f"w{i}" for i in range(max(1, chunks - 2)))
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": words}]}
-    if stream:
-        body["stream"] = True
+    messages = [{"role": "user", "content": words}]
+    body: dict[str, Any]
+    if target == NATIVE:  # the same request in the native shape; the path says whether it streams
+        body = {"messages": messages, "options": {"model": model}}
+    else:
+        body = {"model": model, "messages": messages}
+        if stream:
+            body["stream"] = True
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -244,10 +261,29 @@ def validate(target: str, mode: str, status: int, content_type: str, data: bytes
     if status != 200:
         raise BenchError(f"{target} ({mode}) answered HTTP {status}: {data[:300]!r}")
     if mode == "stream":
-        if not content_type.startswith("text/event-stream") or not data.rstrip().endswith(b"data: [DONE]"):
+        complete = native_stream_done if target == NATIVE else openai_stream_done
+        if not content_type.startswith("text/event-stream") or not complete(data):
             raise BenchError(f"{target} ({mode}) did not stream a complete answer: {data[:300]!r}")
-    elif b'"choices"' not in data:
-        raise BenchError(f"{target} ({mode}) answer has no choices: {data[:300]!r}")
+    else:
+        key = "content" if target == NATIVE else "choices"
+        if f'"{key}"'.encode() not in data:
+            raise BenchError(f"{target} ({mode}) answer has no {key}: {data[:300]!r}")
+
+
+def openai_stream_done(data: bytes) -> bool:
+    return data.rstrip().endswith(b"data: [DONE]")
+
+
+def native_stream_done(data: bytes) -> bool:
+    """The native stream ends with one ``data: {..., "done": true, ...}`` event (no [DONE])."""
+    last = data.rstrip().rsplit(b"\n\n", 1)[-1].strip()
+    if not last.startswith(b"data:"):
+        return False
+    try:
+        event = json.loads(last[5:])
+    except ValueError:
+        return False
+    return isinstance(event, dict) and event.get("done") is True
 
 
 @dataclass
@@ -304,8 +340,8 @@ class LoadGenerator:
             self._files[body] = path
         return path
 
-    def run(self, port: int, body: bytes, concurrency: int, duration: int) -> dict[str, Any]:
-        url = f"http://{HOST}:{port}{PATH}"
+    def run(self, port: int, path: str, body: bytes, concurrency: int, duration: int) -> dict[str, Any]:
+        url = f"http://{HOST}:{port}{path}"
         if self.kind == "wrk":
             argv = [
                 "wrk",
@@ -348,7 +384,7 @@ class LoadGenerator:
 
 @dataclass
 class Servers:
-    ports: dict[str, int]
+    ports: dict[str, int]  # per target ("native" is the gateway's port)
     pids: dict[str, int]  # "mock", "bare", "gateway"
 
 
@@ -394,18 +430,18 @@ def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) ->
         env={"BENCH_MOCK_PORT": str(ports["direct"])},
         stdout=args.gateway_log,  # the access log is written (it is part of the hot path), to /dev/null
     )
+    ports[NATIVE] = ports["gateway"]
     servers = Servers(ports, {"mock": mock.popen.pid, "bare": bare.popen.pid, "gateway": gateway.popen.pid})
     deadline = time.monotonic() + 20
-    for target in TARGETS:
-        for mode in MODES:
-            body = request_body(model_for(target, args), mode == "stream", args.chunks)
+    for mode in MODES:
+        for target, (path, body) in requests_for(args, mode).items():
             while True:
                 procs.check_alive()
                 try:
-                    validate(target, mode, *post(ports[target], body))
+                    validate(target, mode, *post(ports[target], path, body))
                     break
                 except BenchError as exc:
-                    quiet = target == "gateway" and args.gateway_log == os.devnull
+                    quiet = SUT_PID[target] == "gateway" and args.gateway_log == os.devnull
                     hint = " (rerun with --gateway-log FILE to see its log)" if quiet else ""
                     raise BenchError(f"{exc}{hint}") from None
                 except (OSError, http.client.HTTPException) as exc:
@@ -415,11 +451,22 @@ def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) ->
     return servers
 
 
+SUT_PID = {"direct": "mock", "bare": "bare", "gateway": "gateway", NATIVE: "gateway"}
+
+
 def model_for(target: str, args: argparse.Namespace) -> str:
-    return args.model if target == "gateway" else UPSTREAM_MODEL
+    return args.model if SUT_PID[target] == "gateway" else UPSTREAM_MODEL
 
 
-SUT_PID = {"direct": "mock", "bare": "bare", "gateway": "gateway"}
+Request = tuple[str, bytes]  # path, body
+
+
+def requests_for(args: argparse.Namespace, mode: str) -> dict[str, Request]:
+    """Per target: the path and body of one request of this mode."""
+    return {
+        t: (request_path(t, mode), request_body(t, model_for(t, args), mode == "stream", args.chunks))
+        for t in args.targets
+    }
 
 
 def measure(
@@ -427,13 +474,13 @@ def measure(
     servers: Servers,
     procs: Processes,
     target: str,
-    body: bytes,
+    request: Request,
     concurrency: int,
     duration: int,
 ) -> dict[str, Any]:
     before = {name: cpu_seconds(pid) for name, pid in servers.pids.items()}
     busy0, children0, wall0 = system_busy_seconds(), children_cpu_seconds(), time.monotonic()
-    raw = gen.run(servers.ports[target], body, concurrency, duration)
+    raw = gen.run(servers.ports[target], *request, concurrency, duration)
     busy1, children1, wall1 = system_busy_seconds(), children_cpu_seconds(), time.monotonic()
     after = {name: cpu_seconds(pid) for name, pid in servers.pids.items()}
     procs.check_alive()
@@ -478,13 +525,13 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             started = time.monotonic()
             retries_left = args.retries
             for mode in args.modes:
-                bodies = {t: request_body(model_for(t, args), mode == "stream", args.chunks) for t in TARGETS}
-                for target in TARGETS:  # warm-up: connection pools, caches, first-request paths
-                    gen.run(servers.ports[target], bodies[target], args.concurrency, 1)
+                requests = requests_for(args, mode)
+                for target, request in requests.items():  # warm-up: pools, caches, first-request paths
+                    gen.run(servers.ports[target], *request, args.concurrency, 1)
                 rnd = redone = 0
                 while rnd < args.rounds:
                     wait_quiet(servers, args.max_other, args.quiet_wait, log)
-                    round_runs = run_round(args, gen, servers, procs, mode, rnd, bodies, log)
+                    round_runs = run_round(args, gen, servers, procs, mode, rnd, requests, log)
                     noisiest = max(r["other_cpu_pct"] for r in round_runs)
                     # Redo a noisy round, at most twice, so one long busy spell cannot eat every retry.
                     if noisiest > args.max_other and retries_left > 0 and redone < 2:
@@ -511,15 +558,17 @@ def run_round(
     procs: Processes,
     mode: str,
     rnd: int,
-    bodies: dict[str, bytes],
+    requests: dict[str, Request],
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """One run per target at --concurrency, then one per target at concurrency 1."""
-    order = TARGETS[rnd % 3 :] + TARGETS[: rnd % 3]  # rotate who goes first
+    targets = args.targets
+    first = rnd % len(targets)
+    order = targets[first:] + targets[:first]  # rotate who goes first
     out = []
     for concurrency in (args.concurrency, 1):
         for target in order:
-            m = measure(gen, servers, procs, target, bodies[target], concurrency, args.duration)
+            m = measure(gen, servers, procs, target, requests[target], concurrency, args.duration)
             m.update(mode=mode, round=rnd, target=target, concurrency=concurrency)
             out.append(m)
             log(
@@ -562,13 +611,32 @@ def median(values: list[float]) -> float | None:
 Table = dict[str, dict[int, dict[str, Any]]]  # target -> round -> run
 
 
-def per_round_ratio(table: Table, num: str, den: str, key: str, rounds: range) -> float | None:
+def round_ratios(table: Table, num: str, den: str, key: str, rounds: range) -> list[float]:
     values = []
     for r in rounds:
         a, b = table[num][r][key], table[den][r][key]
         if a is not None and b:
             values.append(a / b)
-    return median(values)
+    return values
+
+
+def per_round_ratio(table: Table, num: str, den: str, key: str, rounds: range) -> float | None:
+    return median(round_ratios(table, num, den, key, rounds))
+
+
+def native_ratios(at_c: Table, rounds: range) -> dict[str, Any]:
+    """--native: the native API over /v1 on the same gateway, median of per-round ratios and each
+    round's, for req/s and for CPU per request."""
+    out: dict[str, Any] = {}
+    for name, key in (("rps", "rps"), ("cpu_per_req", "sut_cpu_us_per_req")):
+        out[f"native_over_gateway_{name}"] = per_round_ratio(at_c, NATIVE, "gateway", key, rounds)
+        out[f"native_over_gateway_{name}_per_round"] = round_ratios(at_c, NATIVE, "gateway", key, rounds)
+    return out
+
+
+def native_goal(cpu_ratio: float | None) -> dict[str, Any]:
+    met = cpu_ratio is not None and cpu_ratio <= GOAL_NATIVE_CPU
+    return {"goal": f"<= {GOAL_NATIVE_CPU}", "value": cpu_ratio, "met": met}
 
 
 def per_round_diff(table: Table, a: str, b: str, key: str, rounds: range) -> float | None:
@@ -592,7 +660,7 @@ def summarize(
     c = args.concurrency
     for mode in args.modes:
         summary[mode] = {}
-        for target in TARGETS:
+        for target in args.targets:
             hi, lo = pick(mode, target, c), pick(mode, target, 1)
             summary[mode][target] = {
                 "rps": median([r["rps"] for r in hi]),
@@ -607,8 +675,8 @@ def summarize(
                 "errors": sum(r["errors"] for r in hi + lo),
                 "other_cpu_pct": median([r["other_cpu_pct"] for r in hi + lo]),
             }
-        at_c = {t: by_round(mode, t, c) for t in TARGETS}
-        at_1 = {t: by_round(mode, t, 1) for t in TARGETS}
+        at_c = {t: by_round(mode, t, c) for t in args.targets}
+        at_1 = {t: by_round(mode, t, 1) for t in args.targets}
         rounds = range(args.rounds)
 
         ratios[mode] = {
@@ -635,6 +703,11 @@ def summarize(
             },
             "p50_c1_vs_bare_ms": {"goal": f"<= {GOAL_P50_C1_MS}", "value": lat, "met": lat <= GOAL_P50_C1_MS},
         }
+        if args.native:
+            ratios[mode].update(native_ratios(at_c, rounds))
+            if mode == "non-stream":  # the issue's bar is on non-stream completions
+                cpu = ratios[mode]["native_over_gateway_cpu_per_req"]
+                goals[mode]["native_cpu_vs_gateway"] = native_goal(cpu)
     return {
         "settings": {
             "rounds": args.rounds,
@@ -744,10 +817,26 @@ def render(result: dict[str, Any]) -> str:
             f"{fmt(r['gateway_minus_direct_p50_c1_ms'], '+.3f')} ms, bare-direct "
             f"{fmt(r['bare_minus_direct_p50_c1_ms'], '+.3f')} ms",
         ]
-    redone = len(result.get("discarded_runs", ())) // (2 * len(TARGETS))
+        if "native_over_gateway_rps" in r:
+            lines += render_native(r, g.get("native_cpu_vs_gateway"))
+    targets = len(next(iter(result["summary"].values())))
+    redone = len(result.get("discarded_runs", ())) // (2 * targets)
     limit = s["max_other_cpu_pct"]
     lines.append(f"\ntook {result['elapsed_s']} s; {redone} noisy round(s) redone (other% > {limit:g})")
     return "\n".join(lines)
+
+
+def render_native(r: dict[str, Any], goal: dict[str, Any] | None) -> list[str]:
+    def per_round(key: str) -> str:
+        return "per round " + ", ".join(f"{x:.2f}" for x in r[f"{key}_per_round"])
+
+    judged = f"goal <= {GOAL_NATIVE_CPU}: {'met' if goal['met'] else 'NOT met'}; " if goal else ""
+    return [
+        f"    native/gateway req/s      {fmt(r['native_over_gateway_rps'], '.2f')}x   "
+        f"({per_round('native_over_gateway_rps')})",
+        f"    native/gateway cpu/req    {fmt(r['native_over_gateway_cpu_per_req'], '.2f')}x   "
+        f"({judged}{per_round('native_over_gateway_cpu_per_req')})",
+    ]
 
 
 # --------------------------------------------------------------------------- main
@@ -803,6 +892,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="niceness added to every benchmark process; e.g. -5 (as root) on a busy shared machine",
     )
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="add target `native`: the same gateway through /api/v1/llm/complete[/stream]",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 if a goal is not met")
     args = p.parse_args(argv)
     if args.quick:
@@ -811,6 +905,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.duration < 1 or args.concurrency < 1 or args.chunks < 3:
         p.error("--rounds, --duration and --concurrency must be >= 1, --chunks >= 3")
     args.modes = MODES if args.mode == "both" else (args.mode,)
+    args.targets = (*TARGETS, NATIVE) if args.native else TARGETS
     return args
 
 
