@@ -428,3 +428,18 @@ async def test_concurrent_starts_cannot_share_a_stream_id(upstream: Upstream, ma
     # The refused ones hold no slot: the team can still start its other two streams.
     for stream_id in ("a", "b"):
         assert (await gql(gw, mutation, {"m": MESSAGES, "id": stream_id}))["data"]["startStreamCompletion"]
+
+
+async def test_deltas_arrive_while_the_upstream_is_still_writing(
+    gw: RunningGateway, upstream: Upstream
+) -> None:
+    upstream.state.faults["mock-chat"] = {"chunk_delay": 0.3}
+    socket = await Socket.connect(gw, {"authorization": f"Bearer {TEAM_KEY}"})
+    assert (await socket.receive())["type"] == "connection_ack"
+    await socket.subscribe("1", COMPLETION_STREAM, {"input": {"messages": MESSAGES}})
+    first = await socket.receive()
+    assert first["type"] == "next" and first["payload"]["data"]["completionStream"]["content"]
+    assert upstream.state.requests[-1].ended is None  # not buffered to the end
+    payloads, errors = await socket.collect("1")
+    await socket.close()
+    assert not errors and payloads[-1]["data"]["completionStream"]["finishReason"] == "stop"
