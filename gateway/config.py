@@ -213,6 +213,7 @@ class GraphQLConfig:
     max_depth: int = 10
     max_aliases: int = 15
     max_query_bytes: int = 16384
+    max_tokens: int = 500  # lexical tokens per document: bounds graphql-core's quadratic validation
     max_subscriptions_per_connection: int = 10
     max_subscriptions_per_team: int = 100
     connection_init_timeout_seconds: float = 10.0

@@ -80,7 +80,10 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = rid
     started = time.perf_counter()
     status = 500
-    in_flight.enter()
+    # A WebSocket is a connection, not a request: its completions count themselves (api/graphql).
+    counted = request.headers.get("Upgrade", "").lower() != "websocket"
+    if counted:
+        in_flight.enter()
     try:
         try:
             response = await handler(request)
@@ -113,7 +116,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             else:
                 response.headers["x-request-id"] = rid
     finally:
-        in_flight.leave()
+        if counted:
+            in_flight.leave()
         settling = (
             _finish(request, rid, status, time.perf_counter() - started)
             if request.path.startswith(_LOGGED)

@@ -8,6 +8,7 @@ errors whose ``extensions.code`` is the native ``LLMErrorType``, with ``requestI
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -36,6 +37,7 @@ from gateway.errors import (
     native_type,
 )
 from gateway.logging import REDACTOR
+from gateway.metrics import IN_FLIGHT_REQUESTS
 from gateway.runtime import Gateway
 from gateway.state.base import StoreUnavailable
 
@@ -171,24 +173,26 @@ def graphql_error(exc: GatewayError, request_id: str, provider: str | None = Non
 
 
 async def _identity(info: Info) -> Identity | None:
-    """The caller: from the socket's ``connection_init`` (checked once), or this HTTP request's key."""
+    """The caller: this HTTP request's key (checked by the view), or the socket's, checked again now."""
     gw, context = _gw(info), info.context
     if not gw.authenticates:
         return None
-    identity: Identity | None = context.get("identity")
-    if identity is not None:
+    principal = context.get("principal")
+    if principal is None:
+        # SECURITY: an operation runs only for a caller authenticated by the view (HTTP) or by the
+        # socket's connection_init, whatever the subprotocol, even if a handler skipped the handshake.
+        unauthenticated = AuthenticationFailed("the connection is not authenticated")
+        raise graphql_error(unauthenticated, context["request_id"])
+    if not context["ws"]:
+        identity: Identity = context["identity"]
         return identity
-    if context["ws"]:
-        # SECURITY: a socket runs operations only after its connection_init was authenticated,
-        # whatever the subprotocol; this holds even if a protocol handler skipped the handshake.
-        raise graphql_error(
-            AuthenticationFailed("the connection is not authenticated"), context["request_id"]
-        )
     try:
-        identity = context["identity"] = await gw.auth.identify(_headers(info))
-    except GatewayError as exc:
-        raise graphql_error(exc, context["request_id"]) from None
-    return identity
+        # A socket lives long: its key is checked again for every operation (a key revoked, disabled
+        # or expired since connection_init is refused; runtime keys are re-read within a second).
+        return await gw.auth.from_principal(principal)
+    except (GatewayError, StoreUnavailable) as exc:
+        error = exc if isinstance(exc, GatewayError) else _store_down()
+        raise graphql_error(error, context["request_id"]) from None
 
 
 def _allows(identity: Identity | None) -> Any:
@@ -224,13 +228,6 @@ async def _prepare(
         raise graphql_error(exc, request_id) from None
 
 
-def _failed(gw: Gateway, ctx: RequestContext, exc: BaseException) -> GraphQLError:
-    """Finish a completion that failed before it answered; the client's GraphQL error."""
-    error = exc if isinstance(exc, GatewayError) else _store_down()
-    outcome.finish(gw, ctx, error.status, time.perf_counter() - ctx.started, PATH)
-    return graphql_error(error, ctx.request_id, ctx.provider)
-
-
 def _store_down() -> GatewayError:
     return ServiceUnavailable(
         "the state store is unavailable; try again shortly", code="state_store_unavailable"
@@ -255,42 +252,77 @@ def _response(answer: dict[str, Any]) -> CompletionResponse:
     )
 
 
+async def _finish(gw: Gateway, ctx: RequestContext, status: int) -> None:
+    """The request's one end (metrics, access line, settlement); like the REST edge, wait for the
+    settlement only when it must release a parallel slot over a fresh connection."""
+    settling = outcome.finish(gw, ctx, status, time.perf_counter() - ctx.started, PATH)
+    if settling is not None:
+        await asyncio.shield(settling)
+
+
+def _team_of(ctx: RequestContext) -> str:
+    identity = ctx.presented
+    return identity.team.id if identity is not None and identity.team is not None else "_anonymous"
+
+
 async def _complete(
     info: Info, messages: list[ChatMessageInput], options: CompletionOptionsInput | None
 ) -> CompletionResponse:
     gw = _gw(info)
     ctx = await _prepare(info, messages, options)
+    status = 500
+    IN_FLIGHT_REQUESTS.enter()
     try:
         _, answer = await native_api.run(gw, ctx)
+        if answer is None:  # a plugin answered with a response of its own: nothing GraphQL can show
+            raise GatewayError("the request was answered outside GraphQL", code="internal_error")
+        status = 200
+        return _response(answer)
     except (GatewayError, StoreUnavailable) as exc:
-        raise _failed(gw, ctx, exc) from None
-    except BaseException:
-        outcome.finish(gw, ctx, 499, time.perf_counter() - ctx.started, PATH)
+        error = exc if isinstance(exc, GatewayError) else _store_down()
+        status = error.status
+        raise graphql_error(error, ctx.request_id, ctx.provider) from None
+    except asyncio.CancelledError:
+        status = 499  # the client went away
         raise
-    if answer is None:  # a plugin answered with a response of its own: not something GraphQL can show
-        raise _failed(
-            gw, ctx, GatewayError("the request was answered outside GraphQL", code="internal_error")
-        )
-    outcome.finish(gw, ctx, 200, time.perf_counter() - ctx.started, PATH)
-    return _response(answer)
+    finally:
+        IN_FLIGHT_REQUESTS.leave()
+        await _finish(gw, ctx, status)
 
 
 async def _open(
     info: Info, messages: list[ChatMessageInput], options: CompletionOptionsInput | None
 ) -> tuple[CompletionStream, str]:
-    """Admit a streamed completion and start it; (the stream, the team it counts against)."""
+    """Admit a streamed completion and start it; (the stream, the team it counts against). Whatever
+    ends it before the stream owns it (a refusal, the client leaving mid-admission) finishes it here,
+    so its slot and reservation are released."""
     gw, streams = _gw(info), _streams(info)
     ctx = await _prepare(info, messages, options)
     ctx.body["stream"] = ctx.stream = True
     ctx.added_include_usage = True
+    team = _team_of(ctx)
+    try:
+        streams.enter(team)  # before admission: a refusal here takes no rpm token
+    except GatewayError as exc:
+        await _finish(gw, ctx, exc.status)
+        raise graphql_error(exc, ctx.request_id) from None
+    status = 500
     try:
         reply = await core.admit(gw, ctx)
-        team = ctx.team or "_anonymous"
-        streams.enter(team)
+        if reply is not None and ctx.cache != "hit":
+            raise GatewayError("the request was answered outside GraphQL", code="internal_error")
     except (GatewayError, StoreUnavailable) as exc:
-        raise _failed(gw, ctx, exc) from None
+        error = exc if isinstance(exc, GatewayError) else _store_down()
+        status = error.status
+        streams.leave(team)
+        await _finish(gw, ctx, status)
+        raise graphql_error(error, ctx.request_id, ctx.provider) from None
+    except BaseException:
+        streams.leave(team)
+        await _finish(gw, ctx, 499)
+        raise
     stream = CompletionStream(gw, ctx)
-    if reply is not None and ctx.cache == "hit":
+    if reply is not None:
         stream.replay(getattr(reply, "body", b"") or b"")
     else:
         stream.start()

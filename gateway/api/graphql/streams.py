@@ -25,6 +25,7 @@ from gateway import outcome
 from gateway.context import RequestContext, Usage
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, ServiceUnavailable, UpstreamError
 from gateway.formats.native import UPSTREAM_STREAM_ERROR, chunk_events, response_cost
+from gateway.metrics import IN_FLIGHT_REQUESTS
 from gateway.relay import pump
 from gateway.runtime import Gateway
 from gateway.state.base import StoreUnavailable
@@ -63,6 +64,7 @@ class CompletionStream:
         self._changed.set()
 
     def start(self) -> None:
+        IN_FLIGHT_REQUESTS.enter()  # left in _end
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def replay(self, cached: bytes) -> None:
@@ -92,6 +94,7 @@ class CompletionStream:
             status = 500
             self._fail_now(GatewayError("internal error", code="internal_error"))
         finally:
+            IN_FLIGHT_REQUESTS.leave()
             self._end(status)
 
     def _end(self, status: int) -> None:

@@ -33,6 +33,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
+    MaxTokensLimiter,
     ParserCache,
     SchemaExtension,
     ValidationCache,
@@ -41,9 +42,9 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_P
 
 from gateway import metrics
 from gateway.api.graphql import guards
-from gateway.api.graphql.schema import build_schema
+from gateway.api.graphql.schema import build_schema, graphql_error
 from gateway.api.graphql.streams import Streams
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.runtime import GATEWAY, REQUEST_ID, Gateway
 from gateway.state.base import StoreUnavailable
 
@@ -91,6 +92,7 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
             introspection=settings.introspection,
         )
         extensions: list[Callable[[], SchemaExtension]] = [
+            lambda: MaxTokensLimiter(max_token_count=settings.max_tokens),
             lambda: AddValidationRules(rules),
             # Clients send the same few documents again and again: parse and validate each once
             # (measured: ~60 % of a subscription's CPU). Bounded LRUs; the key is the whole text.
@@ -123,6 +125,18 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
         root_value: Any,
         sub_response: Any,
     ) -> Any:
+        if self.gw.authenticates:
+            # SECURITY: with auth on, nothing is parsed or validated for a caller without a valid key
+            # (validation costs CPU that no per-operation limit covers).
+            try:
+                context["identity"], context["principal"] = await self.gw.auth.principal(request.headers)
+            except (GatewayError, StoreUnavailable) as exc:
+                refusal = (
+                    exc
+                    if isinstance(exc, GatewayError)
+                    else ServiceUnavailable("the key store is unavailable", code="state_store_unavailable")
+                )
+                return ExecutionResult(data=None, errors=[graphql_error(refusal, context["request_id"])])
         # strawberry would run a subscription sent over HTTP as if it were a query: refuse it clearly.
         if not isinstance(request_data, list) and _is_subscription(
             request_data.query, request_data.operation_name
@@ -164,6 +178,7 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
             "streams": self.streams,
             "ws": request.headers.get("Upgrade", "").lower() == "websocket",
             "identity": None,
+            "principal": None,  # who the key is, to check it again per socket operation (gateway.auth)
             "request_id": request[REQUEST_ID],
         }
 
@@ -178,7 +193,9 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
             if isinstance(token, str) and token:
                 headers["Authorization"] = token if " " in token else f"Bearer {token}"
         try:
-            context["identity"] = await self.gw.auth.identify(CIMultiDictProxy(headers))
+            context["identity"], context["principal"] = await self.gw.auth.principal(
+                CIMultiDictProxy(headers)
+            )
         except (GatewayError, StoreUnavailable):
             raise ConnectionRejectionError from None
 

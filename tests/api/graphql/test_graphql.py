@@ -443,3 +443,58 @@ async def test_deltas_arrive_while_the_upstream_is_still_writing(
     payloads, errors = await socket.collect("1")
     await socket.close()
     assert not errors and payloads[-1]["data"]["completionStream"]["finishReason"] == "stop"
+
+
+async def test_a_key_revoked_while_its_socket_is_open_is_refused(gw: RunningGateway) -> None:
+    status, made = await gw.http("POST", "/admin/keys", MASTER_KEY, {"team": "team-a"})
+    assert status == 201
+    socket = await Socket.connect(gw, {"authorization": f"Bearer {made['key']}"})
+    assert (await socket.receive())["type"] == "connection_ack"
+    await socket.subscribe("1", COMPLETION_STREAM, {"input": {"messages": MESSAGES}})
+    _, errors = await socket.collect("1")
+    assert not errors
+    assert (await gw.http("DELETE", f"/admin/keys/{made['id']}", MASTER_KEY))[0] == 204
+    await asyncio.sleep(1.1)  # past the runtime-key cache (auth.CACHE_TTL)
+    await socket.subscribe("2", COMPLETION_STREAM, {"input": {"messages": MESSAGES}})
+    _, errors = await socket.collect("2")
+    await socket.close()
+    assert errors and errors[0]["extensions"]["errorCode"] == "invalid_api_key"
+
+
+async def test_nothing_is_parsed_without_a_key_and_documents_are_token_bounded(gw: RunningGateway) -> None:
+    many = "{ " + "health { status } " * 300 + "}"  # quadratic to validate: refused before that
+    data = await gql(gw, many, key=None)
+    assert data["errors"][0]["extensions"]["errorCode"] == "missing_api_key"
+    data = await gql(gw, many)
+    assert "token" in data["errors"][0]["message"].lower()
+    assert (await gql(gw, "{ health { status } }"))["data"]["health"]["status"] == "ok"
+
+
+async def test_leaving_during_admission_releases_the_parallel_slot(
+    upstream: Upstream, make_gateway: Any
+) -> None:
+    cfg = tenancy_config(upstream.url, limits={"max_parallel": 2})
+    cfg["plugins"] = ["auth", "rate_limit", "quota", "cache"]
+    cfg["cache"] = {"enabled": True}
+    gw = await make_gateway(cfg)
+    upstream.state.faults["mock-chat"] = {"chunk_delay": 0.2}
+    same = {
+        "input": {"messages": [{"role": "user", "content": "a b c d e f"}], "options": {"temperature": 0}}
+    }
+    socket = await Socket.connect(gw, {"authorization": f"Bearer {TEAM_KEY}"})
+    assert (await socket.receive())["type"] == "connection_ack"
+    await socket.subscribe("leader", COMPLETION_STREAM, same)
+    assert (await socket.receive())["type"] == "next"
+    await socket.subscribe("follower", COMPLETION_STREAM, same)  # waits for the leader's answer
+    await asyncio.sleep(0.1)
+    await socket.ws.send_json({"id": "follower", "type": "complete"})
+    while (await socket.receive()).get("type") != "complete":
+        pass
+    await socket.close()
+    await asyncio.sleep(0.3)
+    upstream.state.faults.clear()
+    # Both slots are free again: two concurrent completions run.
+    results = await asyncio.gather(
+        *(gql(gw, COMPLETE, {"messages": [{"role": "user", "content": f"q{i}"}]}) for i in range(2))
+    )
+    assert all("errors" not in r for r in results), results
