@@ -6,8 +6,10 @@ Only whole events are forwarded: an event split across reads is held back until 
 arrives, so a client never holds half an event when an upstream dies mid-line (the gateway's SSE
 error event would otherwise be glued onto it). In pass-through mode a chunk that ends on an event
 boundary — the usual case — is returned untouched (the same object). In strip mode — used when the
-gateway itself asked for ``stream_options.include_usage`` — the usage-only chunk (``"choices": []``)
-is dropped so the client sees exactly what it asked for.
+gateway itself asked for ``stream_options.include_usage`` — the usage the gateway added is removed,
+whatever the chunk's shape: a chunk that carries nothing else (``"choices": []``, or LiteLLM's
+``[{"index": 0, "delta": {}}]``) is dropped; one that also carries content or a finish reason is
+re-encoded without its ``usage`` (rare: one event per stream), so no content is ever lost.
 
 Only events that mention ``"usage"`` or ``"error"`` are JSON-decoded; the rest are just counted.
 """
@@ -28,6 +30,7 @@ class SSEScanner:
         "_dropped",
         "_held",
         "_pending",
+        "_rewrite",
         "data_events",
         "done",
         "error",
@@ -45,6 +48,7 @@ class SSEScanner:
         self._data: list[bytes] = []  # data lines of the event being read
         self._held: list[bytes] = []  # raw lines of the event being read (not yet forwarded)
         self._dropped = False  # strip mode: the event that just ended is the usage-only chunk
+        self._rewrite: bytes | None = None  # strip mode: that event, without its usage
 
     def feed(self, chunk: bytes) -> bytes:
         if self._pending:
@@ -73,8 +77,11 @@ class SSEScanner:
         out: list[bytes] = []
         for line in lines:
             self._held.append(line)
-            if self._line(line):  # an event just ended: forward or drop it
-                if not self._dropped:
+            if self._line(line):  # an event just ended: forward, rewrite or drop it
+                if self._rewrite is not None:
+                    out.append(self._rewrite)
+                    self._rewrite = None
+                elif not self._dropped:
                     out.append(b"\n".join(self._held) + b"\n")
                 self._held = []
         return b"".join(out)
@@ -97,6 +104,9 @@ class SSEScanner:
         if self._data:
             self._dispatch()
         held, self._held = self._held, []
+        if self._rewrite is not None:
+            rewrite, self._rewrite = self._rewrite, None
+            return rewrite
         if self._dropped or not held:
             return b""
         return b"\n".join(held) + (b"" if tail else b"\n")
@@ -133,8 +143,25 @@ class SSEScanner:
         usage = event.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-            if self.strip_usage and not event.get("choices"):
-                self._dropped = True
+            if self.strip_usage:
+                choices = event.get("choices")
+                if isinstance(choices, list) and any(_carries_content(c) for c in choices):
+                    del event["usage"]
+                    self._rewrite = b"data: " + orjson.dumps(event) + b"\n\n"
+                else:
+                    self._dropped = True
         error = event.get("error")
         if error and self.error is None:
             self.error = error if isinstance(error, dict) else {"message": str(error)}
+
+
+def _carries_content(choice: Any) -> bool:
+    """Whether a stream choice says anything besides an empty delta (text, a tool call, a finish)."""
+    if not isinstance(choice, dict):
+        return False
+    if choice.get("finish_reason") is not None or choice.get("logprobs"):
+        return True
+    delta = choice.get("delta")
+    return isinstance(delta, dict) and any(
+        v not in (None, "", [], {}) for k, v in delta.items() if k != "role"
+    )

@@ -195,6 +195,20 @@ async def test_stream_without_include_usage_strips_the_usage_chunk_but_logs_toke
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == f"Mock answer: {UNICODE}"
 
 
+async def test_a_litellm_shaped_usage_chunk_never_reaches_a_client_that_did_not_ask(
+    gw: RunningGateway, upstream: Upstream
+) -> None:
+    upstream.state.faults["mock-chat"] = {"litellm_usage": True}
+    stream = await gw.client(timeout=5).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": UNICODE}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(chunk.usage is None for chunk in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == f"Mock answer: {UNICODE}"
+    line = await access_line(gw)
+    assert line["completion_tokens"] > 0  # still read and billed
+
+
 async def test_client_stream_options_are_kept_alongside_the_added_include_usage(
     gw: RunningGateway, upstream: Upstream
 ) -> None:

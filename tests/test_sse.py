@@ -88,15 +88,44 @@ def test_pass_through_returns_the_very_same_bytes_object() -> None:
     assert scanner.data_events == 6
 
 
-def test_usage_on_a_chunk_with_choices_is_kept_in_strip_mode() -> None:
-    # OpenRouter and some others put usage on the last chunk that still has choices.
+def test_usage_on_a_chunk_with_choices_loses_only_its_usage_in_strip_mode() -> None:
+    # OpenRouter and some others put usage on the last chunk that still has choices: the finish reason
+    # stays, the usage the gateway asked for goes (issue #12: whatever the chunk's shape).
     last = (
         b'data: {"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
         b'"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10,"cost":0.001}}\n\n'
     )
+    without = b'data: {"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
     scanner = SSEScanner(strip_usage=True)
-    assert run(scanner, [ROLE + last + DONE]) == ROLE + last + DONE
+    assert run(scanner, [ROLE + last + DONE]) == ROLE + without + DONE
     assert scanner.usage == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10, "cost": 0.001}
+    scanner = SSEScanner(strip_usage=False)  # the client asked for usage: untouched
+    assert run(scanner, [ROLE + last + DONE]) == ROLE + last + DONE
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_litellm_usage_chunk_with_an_empty_delta_is_dropped(newline: str) -> None:
+    # LiteLLM sends the usage on a chunk whose choices hold one empty delta, not "choices": [].
+    litellm = (
+        b'data: {"id":"c1","choices":[{"index":0,"delta":{}}],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}\n\n'
+    )
+    stream = ROLE + TEXT + FINISH + litellm + DONE
+    for pieces in ([stream], [stream[:i], stream[i:]] if (i := len(ROLE + TEXT + FINISH) + 20) else []):
+        scanner = SSEScanner(strip_usage=True)
+        data = [p.replace(b"\n", newline.encode()) for p in pieces]
+        out = run(scanner, data)
+        assert out.replace(newline.encode(), b"\n") == ROLE + TEXT + FINISH + DONE
+        assert scanner.usage == USAGE
+
+
+def test_content_on_a_usage_chunk_is_never_lost() -> None:
+    both = (
+        b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"tail"}}],"usage":{"total_tokens":8}}\n\n'
+    )
+    scanner = SSEScanner(strip_usage=True)
+    out = run(scanner, [ROLE + both + DONE])
+    assert out == ROLE + b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"tail"}}]}\n\n' + DONE
 
 
 def test_null_usage_on_every_chunk_is_kept_and_the_real_usage_wins() -> None:

@@ -20,6 +20,8 @@ Options:
   cost=X              report ``usage.cost`` (OpenRouter style)
   blank_lines=N       DeepSeek-style blank lines before a non-stream body
   set_cookie          answer with a ``Set-Cookie`` header (as CDNs in front of real providers do)
+  litellm_usage       the stream's usage chunk has ``choices: [{"index": 0, "delta": {}}]`` (LiteLLM's
+                      shape) instead of ``[]``
   max_context=N       a prompt over N tokens (~4 characters each) gets OpenAI's 400
                       ``context_length_exceeded``, worded as DeepSeek and OpenRouter word it
 
@@ -283,7 +285,7 @@ async def _stream(
             "object": "chat.completion.chunk",
             "created": 0,
             "model": model,
-            "choices": [],
+            "choices": [{"index": 0, "delta": {}}] if opts.get("litellm_usage") else [],
             "usage": _usage(prompt_tokens, _tokens(text), opts),
         }
         await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
