@@ -50,6 +50,8 @@ log = structlog.get_logger("gateway")
 
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LOGGED = ("/v1/", "/admin/", "/api/")
+# Model requests: counted in llm_gateway_requests_total even when refused before routing.
+_COMPLETIONS = ("/v1/chat/completions", "/v1/embeddings", "/api/v1/llm/complete", "/api/v1/complete")
 in_flight = metrics.IN_FLIGHT_REQUESTS
 
 
@@ -133,6 +135,9 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
     """Settle the request with the plugins, then the one access line and the request metrics."""
     ctx: RequestContext | None = request.get(CONTEXT)
     if ctx is None:
+        if request.path.startswith(_COMPLETIONS):
+            # Refused before it named a model the gateway knows (bad JSON, 413, ...): still a request.
+            outcome.REQUEST_METRICS.observe("unknown", "none", status, "none", elapsed, None)
         ACCESS.write(
             {
                 "event": "request",

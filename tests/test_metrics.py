@@ -241,3 +241,26 @@ async def test_usage_api_and_metrics_agree(upstream: Upstream, make_gateway: Any
     assert total["cost_usd"] == pytest.approx(
         delta(after, before, "llm_gateway_cost_usd_total", team="team-a", model="chat")
     )
+
+
+async def test_requests_refused_before_routing_are_counted_without_client_strings(gw) -> None:
+    import aiohttp
+    from prometheus_client import REGISTRY
+
+    def count(status: str) -> float:
+        labels = {"model": "unknown", "provider": "none", "status_code": status, "team": "none"}
+        return REGISTRY.get_sample_value("llm_gateway_requests_total", labels) or 0.0
+
+    before = count("400")
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/chat/completions", "/api/v1/llm/complete"):
+            async with session.post(gw.root + path, data=b"{not json") as r:
+                assert r.status == 400
+        async with session.post(
+            gw.root + "/v1/chat/completions", json={"model": "secret-name", "messages": []}
+        ) as r:
+            assert r.status == 400
+    assert count("400") == before + 3
+    # The client's model name never becomes a label.
+    names = {s.labels.get("model") for m in REGISTRY.collect() for s in m.samples}
+    assert "secret-name" not in names

@@ -60,6 +60,8 @@ async def detailed(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     store = gw.prober.store_health
     redis_up = store.status != "down"
+    # Without Redis there is no Redis to be up: the state lives in this process's memory.
+    redis_status = ("up" if redis_up else "down") if gw.config.redis is not None else "not_configured"
     providers = {
         name: {"status": provider_status(gw, name), "latency": health.latency_ms}
         for name, health in gw.prober.provider_health.items()
@@ -69,7 +71,7 @@ async def detailed(request: web.Request) -> web.Response:
         "status": "ok" if redis_up and providers_ok and not_ready_reason(gw) is None else "error",
         "info": {
             "redis": {
-                "status": "up" if redis_up else "down",
+                "status": redis_status,
                 "details": {
                     "connection": redis_up if gw.config.redis is not None else False,
                     "latency": store.latency_ms,

@@ -464,7 +464,7 @@ OPERATIONS: dict[str, Schema] = {
                 {
                     "redis": obj(
                         {
-                            "status": {"enum": ["up", "down"]},
+                            "status": {"enum": ["up", "down", "not_configured"]},
                             "details": obj(
                                 {
                                     "connection": BOOLEAN,

@@ -27,7 +27,9 @@ async def test_detailed_health_shape(gw: RunningGateway) -> None:
         assert status == 200
         assert body["status"] == "ok"
         redis = body["info"]["redis"]
-        assert redis["status"] == "up"
+        # No Redis configured: reported as what it is, not as "up" (issue #12 item 13).
+        assert redis["status"] == "not_configured"
+        assert redis["details"]["backend"] == "memory" and redis["details"]["connection"] is False
         assert set(redis["details"]) >= {"connection", "latency"}
         providers = body["info"]["providers"]
         assert providers["status"] == "up"

@@ -407,7 +407,7 @@ class Query:
             for name, h in gw.prober.provider_health.items()
         ]
         ok = store.status != "down" and all(p.status != "down" for p in providers)
-        backend = store.status if gw.config.redis is not None else "memory"
+        backend = store.status if gw.config.redis is not None else "not_configured"
         return HealthStatus(
             status="ok" if ok else "error",
             redis=ComponentHealth(status=backend, latency_ms=store.latency_ms),
