@@ -238,3 +238,21 @@ def test_dockerfile_serves_as_a_non_root_user() -> None:
     assert ("EXPOSE", "8080") in final_stage
     healthcheck = " ".join(rest for word, rest in final_stage if word == "HEALTHCHECK")
     assert "/health/live" in healthcheck and "python" in healthcheck
+
+
+def test_readme_lists_every_environment_variable_the_configs_read() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## Environment variables")
+    table = text[start : text.index("\n## ", start + 1)]
+    listed = set(re.findall(r"^\| `([A-Z_][A-Z0-9_]*)` \|", table, flags=re.MULTILINE))
+    files = [
+        *(ROOT / "config").glob("*.yaml"),
+        ROOT / "docker-compose.yml",
+        *(ROOT / "helm").rglob("values*.yaml"),
+    ]
+    read = {
+        name for f in files for name in re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", f.read_text(encoding="utf-8"))
+    }
+    read.discard("VAR")  # the placeholder in example.full.yaml's comments
+    read.add("PROMETHEUS_MULTIPROC_DIR")  # read by the metrics code itself
+    assert read - listed == set(), f"README's environment table lacks {sorted(read - listed)}"
