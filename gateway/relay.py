@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway import jsonx
 from gateway.accounting import estimate_prompt_tokens
 from gateway.context import RequestContext, Usage
 from gateway.errors import PassThroughError, normalize_upstream_error, sse_error_event
@@ -201,8 +202,8 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
     if len(body) > MAX_UPSTREAM_BODY:
         raise AttemptFailed("too_large", f"{target.provider.name} answer exceeds {MAX_UPSTREAM_BODY} bytes")
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        parsed = jsonx.loads(body)  # lenient: valid JSON that orjson refuses is still relayed as is
+    except jsonx.DecodeError:
         raise AttemptFailed("bad_response", f"{target.provider.name} returned a non-JSON body") from None
     if not isinstance(parsed, dict):
         raise AttemptFailed("bad_response", f"{target.provider.name} returned a non-object body")

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
+from gateway import jsonx
 from gateway.sse import SSEScanner
 
 DONE = b"data: [DONE]\n\n"
 
 
 def _event(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    return b"data: " + jsonx.dumps(obj) + b"\n\n"
 
 
 def _usage_chunk(base: dict[str, Any], usage: dict[str, Any]) -> bytes:
@@ -25,7 +24,7 @@ def _usage_chunk(base: dict[str, Any], usage: dict[str, Any]) -> bytes:
 
 def json_to_sse(body: bytes, include_usage: bool) -> bytes:
     """A stored chat.completion as the stream a client would have received."""
-    completion = orjson.loads(body)
+    completion = jsonx.loads(body)
     base = {
         "id": completion.get("id", "chatcmpl-cached"),
         "object": "chat.completion.chunk",
@@ -82,7 +81,7 @@ def sse_to_json(stream: bytes, usage: dict[str, Any] | None) -> bytes:
         payload = line[5:].strip()
         if payload == b"[DONE]" or not payload:
             continue
-        chunk = orjson.loads(payload)
+        chunk = jsonx.loads(payload)
         for key in ("id", "created", "model", "system_fingerprint"):
             if key in chunk and key not in completion:
                 completion[key] = chunk[key]
@@ -99,7 +98,7 @@ def sse_to_json(stream: bytes, usage: dict[str, Any] | None) -> bytes:
         choice["message"].setdefault("content", None)
     if usage is not None:
         completion["usage"] = usage
-    return orjson.dumps(completion)
+    return jsonx.dumps(completion)
 
 
 def _merge_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
+from gateway import jsonx
 
 _DATA = b"data:"
 _DONE = b"[DONE]"
@@ -135,8 +135,8 @@ class SSEScanner:
         if b'"usage"' not in payload and b'"error"' not in payload:
             return
         try:
-            event = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+            event = jsonx.loads(payload)
+        except jsonx.DecodeError:
             return
         if not isinstance(event, dict):
             return
@@ -147,7 +147,7 @@ class SSEScanner:
                 choices = event.get("choices")
                 if isinstance(choices, list) and any(_carries_content(c) for c in choices):
                     del event["usage"]
-                    self._rewrite = b"data: " + orjson.dumps(event) + b"\n\n"
+                    self._rewrite = b"data: " + jsonx.dumps(event) + b"\n\n"
                 else:
                     self._dropped = True
         error = event.get("error")

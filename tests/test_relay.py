@@ -671,3 +671,27 @@ async def test_non_stream_response_headers(gw: RunningGateway) -> None:
     assert headers["x-gateway-provider"] == "primary"
     assert headers["x-gateway-upstream-model"] == "mock-chat"
     assert headers["x-gateway-attempts"] == "1"
+
+
+async def test_valid_json_that_orjson_refuses_is_relayed_byte_for_byte(
+    gw: RunningGateway, upstream: Upstream
+) -> None:
+    """A lone-surrogate escape is valid JSON (Python's json and the SDKs accept it): never a 502."""
+    upstream.state.faults["mock-chat"] = {"lone_surrogate": True}
+    request = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    status, _, body = await post(gateway_url(gw), request)
+    assert status == 200 and b"\\ud800" in body
+    _, _, direct = await post(upstream_url(upstream), {**request, "model": "mock-chat"})
+    assert (
+        body.replace(b'"created":', b"").split(b",", 3)[3:]
+        == direct.replace(b'"created":', b"").split(b",", 3)[3:]
+    )
+    line = await access_line(gw)
+    assert line["status"] == 200 and line["completion_tokens"] > 0
+    reply = await gw.client(timeout=5).chat.completions.create(model="chat", messages=request["messages"])
+    assert reply.choices[0].message.content.endswith("\ud800")
+    stream = await gw.client(timeout=5).chat.completions.create(
+        model="chat", messages=request["messages"], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text.endswith("\ud800")

@@ -25,6 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway import completion as core
+from gateway import jsonx
 from gateway.api.health import detailed
 from gateway.api.openai import gateway_headers, read_json
 from gateway.auth import Identity
@@ -46,7 +47,7 @@ TICKETS_PER_MINUTE = 60
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
+    return web.Response(body=jsonx.dumps(data), status=status, content_type=JSON)
 
 
 async def _caller(gw: Gateway, request: web.Request) -> Identity | None:
@@ -114,7 +115,7 @@ async def run(gw: Gateway, ctx: RequestContext) -> tuple[web.StreamResponse | No
         if ctx.cache != "hit" or not isinstance(reply, web.Response):
             return reply, None
         assert isinstance(reply.body, bytes)
-        return None, answer(gw, ctx, orjson.loads(reply.body))  # the cached chat.completion
+        return None, answer(gw, ctx, jsonx.loads(reply.body))  # the cached chat.completion
     result = await core.unary(gw, ctx)
     ctx.response_body, ctx.complete = result.body, True
     return None, answer(gw, ctx, result.parsed)

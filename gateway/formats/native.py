@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
-
+from gateway import jsonx
 from gateway.accounting import cost_usd
 from gateway.context import RequestContext, Usage
 from gateway.errors import InvalidRequest, native_body
@@ -160,8 +159,8 @@ def chunk_events(data: bytes) -> Iterator[tuple[str, str]]:
         if not payload or payload == b"[DONE]":
             continue
         try:
-            event = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+            event = jsonx.loads(payload)
+        except jsonx.DecodeError:
             continue
         if not isinstance(event, dict):
             continue
@@ -182,7 +181,7 @@ def chunk_events(data: bytes) -> Iterator[tuple[str, str]]:
 
 
 def sse_event(data: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
+    return b"data: " + jsonx.dumps(data) + b"\n\n"
 
 
 def sse_error(status: int, message: str, code: str | None, request_id: str, provider: str | None) -> bytes:
@@ -207,7 +206,7 @@ class NativeStream:
         out = []
         for kind, value in chunk_events(data):
             if kind == "content":
-                out.append(b'data: {"content":' + orjson.dumps(value) + b',"done":false}\n\n')
+                out.append(b'data: {"content":' + jsonx.dumps(value) + b',"done":false}\n\n')
             elif kind == "finish":
                 self.finish_reason = value
             elif kind == "comment":

@@ -20,6 +20,8 @@ Options:
   cost=X              report ``usage.cost`` (OpenRouter style)
   blank_lines=N       DeepSeek-style blank lines before a non-stream body
   set_cookie          answer with a ``Set-Cookie`` header (as CDNs in front of real providers do)
+  lone_surrogate      the answer's text ends with a lone-surrogate escape (``\\ud800``): valid JSON that
+                      orjson refuses
   litellm_usage       the stream's usage chunk has ``choices: [{"index": 0, "delta": {}}]`` (LiteLLM's
                       shape) instead of ``[]``
   max_context=N       a prompt over N tokens (~4 characters each) gets OpenAI's 400
@@ -40,6 +42,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway import jsonx
 from gateway.errors import error_body
 
 
@@ -145,7 +148,7 @@ def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> byte
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
-    return b"data: " + orjson.dumps(event) + b"\n\n"
+    return b"data: " + jsonx.dumps(event) + b"\n\n"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -191,6 +194,8 @@ async def _respond(
             body=error_body(f"mock failure {status}", "upstream_error", str(status)),
         )
     text, prompt_tokens = _answer(body)
+    if opts.get("lone_surrogate"):
+        text += "\ud800"
     if "max_context" in opts and prompt_tokens > int(opts["max_context"]):
         limit = int(opts["max_context"])
         message = (
@@ -203,7 +208,7 @@ async def _respond(
             body=error_body(message, "invalid_request_error", "context_length_exceeded", "messages"),
         )
     if not body.get("stream"):
-        payload = orjson.dumps(_completion(model, text, prompt_tokens, opts))
+        payload = jsonx.dumps(_completion(model, text, prompt_tokens, opts))
         blank = int(opts.get("blank_lines", 0))
         if not blank:
             response = web.Response(body=payload, content_type="application/json")
