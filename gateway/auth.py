@@ -59,13 +59,40 @@ class Identity:
 
 
 def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
-    auth = headers.get("Authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
+    """The key in ``Authorization: Bearer KEY`` or ``x-api-key: KEY``; None when there is none.
+
+    SECURITY: a request that names its caller more than once is refused (401 ``ambiguous_credentials``),
+    never settled by picking a copy: a proxy in front that checked the other copy would disagree with us
+    about who is calling. Refused: either header sent twice (whatever the case of its name or its value,
+    empty included), and both headers sent unless they carry the same key (``Authorization: Bearer K``
+    with ``x-api-key: K``); an ``Authorization`` of another scheme with an ``x-api-key`` is refused too —
+    its credential names some caller we cannot tell apart from the key's. 401, not the 400 RFC 6750 §3.1
+    suggests for "more than one method": no caller was established, and every entry point (/v1, the
+    native API, admin, usage, GraphQL) already answers ``AuthenticationFailed`` in its own shape.
+    Messages never repeat the values."""
+    authorization = _only(headers, "Authorization")
+    api_key = _only(headers, "x-api-key")
+    bearer = None
+    if authorization is not None:
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-        return None
-    return headers.get("x-api-key") or None
+            bearer = token.strip()
+        if api_key is not None and api_key != bearer:
+            raise AuthenticationFailed(
+                "ambiguous credentials: 'Authorization' and 'x-api-key' do not carry the same key; send one",
+                code="ambiguous_credentials",
+            )
+        return bearer
+    return api_key or None
+
+
+def _only(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    values = headers.getall(name, ())
+    if len(values) > 1:
+        raise AuthenticationFailed(
+            f"ambiguous credentials: {len(values)} '{name}' headers; send one", code="ambiguous_credentials"
+        )
+    return values[0] if values else None
 
 
 class Authenticator:
@@ -76,6 +103,8 @@ class Authenticator:
         self.config_teams = {t.id: t for t in config.teams}
         self.config_keys = {h: t.id for t in config.teams for h in t.key_hashes}
         self.jwt = JwtVerifier(config) if config.jwt else None
+        self.max_stale = config.auth_max_stale_seconds
+        # digest / team id -> (when it was read from the store, what it said)
         self._keys: dict[str, tuple[float, KeyRecord | None]] = {}
         # Presented key -> its SHA-256, so a busy key is not hashed on every request. Only digests are
         # ever stored or compared; this map lives in process memory like the request headers do.
@@ -172,17 +201,20 @@ class Authenticator:
     async def _key_record(self, digest: str) -> KeyRecord | None:
         now = time.monotonic()
         hit = self._keys.get(digest)
-        if hit is not None and hit[0] > now:
+        if hit is not None and now < hit[0] + CACHE_TTL:
             return hit[1]
         try:
             record = await self.store.get_key(digest)
         except StoreUnavailable:
-            if hit is not None:  # serve the last known answer while the store is away
+            # SECURITY: while the store is away the last answer is served, but only up to
+            # auth.max_stale_seconds after it was read: a key revoked just before an outage stops
+            # working then, outage or not.
+            if hit is not None and now < hit[0] + self.max_stale:
                 return hit[1]
             raise ServiceUnavailable("the key store is unavailable", code="state_store_unavailable") from None
         if len(self._keys) > 100_000:
             self._keys.clear()  # bound memory against floods of random keys
-        self._keys[digest] = (now + CACHE_TTL, record)
+        self._keys[digest] = (now, record)
         return record
 
     async def team(self, team_id: str) -> TeamConfig | None:
@@ -192,12 +224,12 @@ class Authenticator:
             return config_team
         now = time.monotonic()
         hit = self._teams.get(team_id)
-        if hit is not None and hit[0] > now:
+        if hit is not None and now < hit[0] + CACHE_TTL:
             return hit[1]
         try:
             data = await self.store.get_team(team_id)
         except StoreUnavailable:
-            if hit is not None:
+            if hit is not None and now < hit[0] + self.max_stale:  # as for keys, above
                 return hit[1]
             raise ServiceUnavailable(
                 "the team store is unavailable", code="state_store_unavailable"
@@ -208,7 +240,9 @@ class Authenticator:
                 team = parse_team(data, self.model_names)
             except ConfigError:
                 team = None
-        self._teams[team_id] = (now + CACHE_TTL, team)
+        if len(self._teams) > 100_000:
+            self._teams.clear()  # bound memory: token team claims are not a closed set
+        self._teams[team_id] = (now, team)
         return team
 
     def forget(self, key_hash: str | None = None, team_id: str | None = None) -> None:

@@ -8,13 +8,27 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 PROVIDER_TYPES = ("openrouter", "deepseek", "openai", "mock")
 # Provider types that cannot work without a key: with an empty key they count as "unconfigured".
 KEYED_PROVIDER_TYPES = ("openrouter", "deepseek")
-KNOWN_PLUGINS = ("auth", "rate_limit", "quota", "cache")
+# What each plugin needs of the caller's identity, which only ``auth`` establishes (each plugin class
+# declares the same as ``needs_identity``; the parser cannot import them, a test keeps the two equal):
+#   "none"        it reads none (auth itself)
+#   "after_auth"  it partitions by team when there is one (the cache): it must run after auth when auth
+#                 is listed — before it, every caller is one anonymous tenant and one team's answers go
+#                 to others; with no auth at all the gateway is keyless and single-tenant, which is fine
+#   "required"    it acts per team and does nothing without one (limits, budgets): auth must run before it
+IdentityNeed = Literal["none", "after_auth", "required"]
+PLUGIN_NEEDS_IDENTITY: Mapping[str, IdentityNeed] = {
+    "auth": "none",
+    "rate_limit": "required",
+    "quota": "required",
+    "cache": "after_auth",
+}
+KNOWN_PLUGINS = tuple(PLUGIN_NEEDS_IDENTITY)
 DEFAULT_PLUGINS = ("auth", "rate_limit", "quota", "cache")
 
 
@@ -45,6 +59,7 @@ class ProviderConfig:
     max_connections: int = 256
     probe_path: str | None = "/models"  # background health probe (GET base_url + path); None: off
     limits: Limits | None = None  # global, across all teams: protects the provider account
+    allow_fields: tuple[str, ...] = ()  # steering fields passed through to it (gateway.steering)
 
     @property
     def configured(self) -> bool:
@@ -96,6 +111,7 @@ class ModelConfig:
     cache: ModelCacheConfig = ModelCacheConfig()
     context_window_fallback: str | None = None  # a larger-window model for requests that do not fit
     capabilities: CapabilitiesConfig = CapabilitiesConfig()
+    allow_fields: tuple[str, ...] = ()  # steering fields passed through for it (gateway.steering)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +176,13 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
+    # Slow and idle clients (gateway.protocol): a request's head must arrive within head_timeout of its
+    # first byte (of the connection, for the first request), its body within body_timeout of the head;
+    # an idle keep-alive connection is closed after keepalive_timeout.
+    head_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 75.0
+    max_connections: int = 10_000  # open client connections; more are answered 503 and closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +266,9 @@ class Config:
     redis: RedisConfig | None = None
     cache: CacheConfig = CacheConfig()
     jwt: JwtConfig | None = None
+    # auth.max_stale_seconds: how long a runtime key or team read from the store may still be served
+    # while the store is unreachable (normally a lookup is at most 1 s old).
+    auth_max_stale_seconds: float = 30.0
     master_key_hash: str | None = field(default=None, repr=False)
     rate_limiting: RateLimitingConfig = RateLimitingConfig()
     health: HealthConfig = HealthConfig()

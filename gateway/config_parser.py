@@ -18,6 +18,7 @@ import yaml
 from gateway.config import (
     DEFAULT_PLUGINS,
     KNOWN_PLUGINS,
+    PLUGIN_NEEDS_IDENTITY,
     PROVIDER_TYPES,
     Budgets,
     CacheConfig,
@@ -43,6 +44,7 @@ from gateway.config import (
     Timeouts,
     hash_key,
 )
+from gateway.steering import STEERING_FIELDS
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -178,6 +180,7 @@ def _provider(r: _Reader) -> ProviderConfig:
         "max_connections",
         "probe_path",
         "limits",
+        "allow_fields",
     )
     name = r.get("name", str, "", required=True)
     kind = r.get("type", str, "openai", required=True)
@@ -204,12 +207,32 @@ def _provider(r: _Reader) -> ProviderConfig:
         if r.data.get("probe_path") is not False
         else None,
         limits=_limits(r.child("limits")) if r.data.get("limits") is not None else None,
+        allow_fields=_allow_fields(r),
     )
+
+
+def _allow_fields(r: _Reader) -> tuple[str, ...]:
+    """``allow_fields``: steering fields (``gateway.steering``) this provider or model passes through."""
+    names = r.strings("allow_fields") or ()
+    for i, name in enumerate(names):
+        if name not in STEERING_FIELDS:
+            r.problem(
+                f"allow_fields[{i}]",
+                f"{name!r} is never stripped (allowed: {', '.join(sorted(STEERING_FIELDS))})",
+            )
+    return names
 
 
 def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
     r.known(
-        "name", "targets", "pricing", "context_window", "context_window_fallback", "capabilities", "cache"
+        "name",
+        "targets",
+        "pricing",
+        "context_window",
+        "context_window_fallback",
+        "capabilities",
+        "cache",
+        "allow_fields",
     )
     targets = []
     for t in r.items("targets"):
@@ -245,6 +268,7 @@ def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
         cache,
         context_window_fallback=r.get("context_window_fallback", str, "") or None,
         capabilities=_capabilities(r.child("capabilities")),
+        allow_fields=_allow_fields(r),
     )
 
 
@@ -492,6 +516,20 @@ def _unique(r: _Reader, what: str, names: list[str]) -> None:
         seen.add(n)
 
 
+def _redis_url_problem(url: str) -> str | None:
+    """What would make the store fail at start-up or on every connect (never echoing the URL: it may
+    hold a password)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number in 0-65535 raises here
+    except ValueError:
+        return "is not a valid URL (check the host, and the port: a number from 0 to 65535)"
+    db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if db and not db.isdigit():
+        return "the database (the URL's path) must be a number, e.g. redis://host:6379/0"
+    return None
+
+
 def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -515,15 +553,32 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     )
 
     s = root.child("server")
-    s.known("host", "port", "max_body_bytes", "shutdown_grace_seconds")
+    s.known(
+        "host",
+        "port",
+        "max_body_bytes",
+        "shutdown_grace_seconds",
+        "head_timeout_seconds",
+        "body_timeout_seconds",
+        "keepalive_timeout_seconds",
+        "max_connections",
+    )
+    sd = ServerConfig()
     server = ServerConfig(
-        host=s.get("host", str, "127.0.0.1"),
-        port=s.get("port", int, 8080),
-        max_body_bytes=s.get("max_body_bytes", int, 10 * 1024 * 1024),
-        shutdown_grace_seconds=s.get("shutdown_grace_seconds", float, 30.0),
+        host=s.get("host", str, sd.host),
+        port=s.get("port", int, sd.port),
+        max_body_bytes=s.get("max_body_bytes", int, sd.max_body_bytes),
+        shutdown_grace_seconds=s.get("shutdown_grace_seconds", float, sd.shutdown_grace_seconds),
+        head_timeout_seconds=s.get("head_timeout_seconds", float, sd.head_timeout_seconds),
+        body_timeout_seconds=s.get("body_timeout_seconds", float, sd.body_timeout_seconds),
+        keepalive_timeout_seconds=s.get("keepalive_timeout_seconds", float, sd.keepalive_timeout_seconds),
+        max_connections=s.get("max_connections", int, sd.max_connections),
     )
     if not 0 <= server.port <= 65535:
         s.problem("port", "must be between 0 and 65535")
+    for name in ("head_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
+        _positive(s, name, getattr(server, name))
+    _positive(s, "max_connections", server.max_connections)
 
     providers = [_provider(p) for p in root.items("providers")]
     if not providers:
@@ -558,6 +613,8 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         )
         if not redis.url.startswith(("redis://", "rediss://", "unix://")):
             rc.problem("url", "must start with redis://, rediss:// or unix://")
+        elif (problem := _redis_url_problem(redis.url)) is not None:
+            rc.problem("url", problem)
         elif redis.cluster and redis.url.startswith("unix://"):
             rc.problem("url", "a Redis Cluster is reached over TCP: use redis:// or rediss://")
         elif redis.cluster and urlsplit(redis.url).path.strip("/") not in ("", "0"):
@@ -589,8 +646,9 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     )
 
     a = root.child("auth")
-    a.known("jwt")
+    a.known("jwt", "max_stale_seconds")
     jwt = _jwt(a.child("jwt"))
+    max_stale = a.get("max_stale_seconds", float, 30.0)
 
     adm = root.child("admin")
     adm.known("master_key")
@@ -612,11 +670,23 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     plugins = root.strings("plugins")
     if plugins is None:
         plugins = DEFAULT_PLUGINS
+    auth_at = plugins.index("auth") if "auth" in plugins else None
     for i, name in enumerate(plugins):
-        if name not in KNOWN_PLUGINS:
+        need = PLUGIN_NEEDS_IDENTITY.get(name)
+        if need is None:
             root.problem(f"plugins[{i}]", f"unknown plugin {name!r} (known: {', '.join(KNOWN_PLUGINS)})")
-        elif name in ("rate_limit", "quota") and "auth" not in plugins[:i]:
-            root.problem(f"plugins[{i}]", f"{name} needs auth before it (limits are per team)")
+        elif need != "none" and auth_at is not None and i < auth_at:
+            # SECURITY: before auth every caller is anonymous to it: one cache namespace for all of them
+            # (one team's answers served to callers with no key), limits and budgets that bind no one.
+            harm = "every caller would share one namespace" if need == "after_auth" else "it binds no one"
+            root.problem(
+                f"plugins[{i}]",
+                f"{name} is listed before auth but needs the caller's team ({harm}): list auth before {name}",
+            )
+        elif need == "required" and auth_at is None:
+            root.problem(
+                f"plugins[{i}]", f"{name} needs the caller's team, which auth sets: list auth before it"
+            )
     if len(set(plugins)) != len(plugins):
         root.problem("plugins", "lists a plugin twice")
 
@@ -631,6 +701,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         redis=redis,
         cache=cache,
         jwt=jwt,
+        auth_max_stale_seconds=max_stale,
         master_key_hash=hash_key(master) if master else None,
         plugins=plugins,
         rate_limiting=rate_limiting,

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.auth import Authenticator
-from gateway.config import Config, ModelConfig
+from gateway.config import Config, IdentityNeed, ModelConfig
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.state.base import (
@@ -58,6 +58,9 @@ class Plugin(Protocol):
     name: ClassVar[str]
     # True for plugins whose admit only appends ctx.checks: their checks are batched with the next.
     declares_checks_only: ClassVar[bool]
+    # What it needs of the caller's identity, which ``auth`` sets: config validation refuses an order
+    # that breaks it (mirrored in ``gateway.config.PLUGIN_NEEDS_IDENTITY``, which the parser reads).
+    needs_identity: ClassVar[IdentityNeed]
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None: ...
 

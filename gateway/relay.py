@@ -30,6 +30,7 @@ from gateway.context import RequestContext, Usage
 from gateway.errors import PassThroughError, normalize_upstream_error, sse_error_event
 from gateway.routing import AttemptFailed, Target
 from gateway.sse import SSEScanner
+from gateway.steering import stripped
 
 MAX_UPSTREAM_BODY = 32 * 1024 * 1024
 SSE_HEADERS = {
@@ -104,8 +105,11 @@ def _ticker() -> _Ticker:
 
 
 def upstream_payload(ctx: RequestContext, target: Target) -> bytes:
-    """The client's body with only ``model`` (and, if the gateway needs usage, include_usage) changed."""
+    """The client's body with ``model`` replaced, the steering fields the target does not allow
+    removed (``gateway.steering``) and, if the gateway needs usage, include_usage added."""
     body = dict(ctx.body)
+    if not target.watch.isdisjoint(body):  # the common body: this one check, no further copy
+        body = stripped(body, target.strip)
     body["model"] = target.model
     if ctx.added_include_usage:
         options = body.get("stream_options")

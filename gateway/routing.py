@@ -22,6 +22,7 @@ from gateway.config import CircuitBreakerConfig, Config, ModelConfig, RoutingCon
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, RateLimited, ServiceUnavailable, UpstreamError
 from gateway.providers import Provider
+from gateway.steering import STEERING_FIELDS, to_strip, watched
 from gateway.upstream_limits import Held, Plan, UpstreamLimited, UpstreamLimits, refused
 
 log = structlog.get_logger("gateway.routing")
@@ -115,6 +116,10 @@ class Target:
     model: str
     breaker: CircuitBreaker
     limits: Plan | None = None  # gateway-wide limits on this upstream (gateway.upstream_limits)
+    # Request fields removed before the body goes to this target (gateway.steering), and the top-level
+    # keys that mean there is something to remove: computed once here, one isdisjoint per request.
+    strip: frozenset[str] = STEERING_FIELDS
+    watch: frozenset[str] = watched(STEERING_FIELDS)
     # Metric children bound once per label set, not resolved per request.
     outcomes: dict[str, metrics.Counter] = field(default_factory=dict)
 
@@ -159,10 +164,13 @@ class Router:
                     reason="no API key set for any of its providers",
                 )
             self.routes[model.name] = Route(
-                model, tuple(self._target(providers[t.provider], t.model, cb) for t in targets)
+                model,
+                tuple(self._target(providers[t.provider], t.model, cb, model.allow_fields) for t in targets),
             )
 
-    def _target(self, provider: Provider, model: str, cb: CircuitBreakerConfig) -> Target:
+    def _target(
+        self, provider: Provider, model: str, cb: CircuitBreakerConfig, allow_fields: tuple[str, ...]
+    ) -> Target:
         # One breaker per upstream (provider, model), shared by every model that routes to it: its
         # health does not depend on which gateway model name the client used.
         breaker = self._breakers.get((provider.name, model))
@@ -171,7 +179,8 @@ class Router:
                 cb.failures, cb.cooldown_seconds, metrics.CIRCUIT_OPEN.labels(provider.name, model)
             )
         plan = self.upstream.plan(provider.name, model) if self.upstream is not None else None
-        return Target(provider, model, breaker, plan)
+        strip = to_strip(provider.config.allow_fields, allow_fields)
+        return Target(provider, model, breaker, plan, strip=strip, watch=watched(strip))
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         s = self.settings

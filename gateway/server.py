@@ -1,4 +1,5 @@
-"""``build_app(config)``: routes, the one edge middleware, and the resources opened at start-up.
+"""``build_app(config)``: routes, the one edge middleware, and the resources opened at start-up (one
+cleanup context each).
 
 The edge middleware is the single place where a request gets its id, where every error becomes
 OpenAI's JSON shape, and where the access line and request metrics are written (once per request).
@@ -36,6 +37,7 @@ from gateway.logging import ACCESS, REDACTOR
 from gateway.outcome import clean_id, new_request_id
 from gateway.pipeline import Limiter, Pipeline, Services
 from gateway.probes import Prober
+from gateway.protocol import RequestBodyTimeout
 from gateway.providers import Provider, create
 from gateway.providers import mock as mock_upstream
 from gateway.routing import Router
@@ -94,6 +96,11 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         except GatewayError as exc:
             response = _error_response(request, rid, exc)
+        except RequestBodyTimeout as exc:
+            response = _error_response(
+                request, rid, InvalidRequest(str(exc), status=408, code="request_timeout")
+            )
+            response.force_close()  # the rest of the body may still be on its way
         except StoreUnavailable:
             response = _error_response(
                 request,
@@ -153,19 +160,60 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
     return outcome.finish(request.app[GATEWAY], ctx, status, elapsed, request.path)
 
 
-async def _resources(app: web.Application) -> AsyncIterator[None]:
+# Start-up and shutdown: one cleanup context per resource, in this order (``build_app`` appends them).
+# aiohttp closes them in reverse, and when one fails to open, closes those opened before it.
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    """The state store: it connects on first use, and is closed last (the others settle into it)."""
+    yield
+    await app[GATEWAY].store.close()
+
+
+async def _pipeline(app: web.Application) -> AsyncIterator[None]:
+    """Settlements still queued are written before the store closes."""
+    yield
     gw = app[GATEWAY]
-    mock_runner = None
-    if any(p.config.type == "mock" and not p.config.base_url for p in gw.providers.values()):
-        mock_runner, gw.mock_url = await mock_upstream.start()
-        for p in gw.providers.values():
-            if p.config.type == "mock" and not p.config.base_url:
-                p.base_url = gw.mock_url
-        log.info("mock_upstream_started", url=gw.mock_url)
-    for provider in gw.providers.values():
-        await provider.start()
-    await gw.auth.start()  # JWT keys from a JWKS URL, if configured (a failed fetch is logged, not fatal)
-    await gw.prober.probe_all()  # bounded by health.timeout_seconds; probes run concurrently
+    await gw.pipeline.drain()
+    gw.pipeline.limiter.close()
+
+
+async def _authenticator(app: web.Application) -> AsyncIterator[None]:
+    """JWT keys from a JWKS URL, if configured (a failed fetch is logged, not fatal), and their refresher."""
+    gw = app[GATEWAY]
+    await gw.auth.start()
+    yield
+    await gw.auth.close()
+
+
+async def _builtin_mock(app: web.Application) -> AsyncIterator[None]:
+    """The built-in mock upstream, for mock providers without a base_url."""
+    gw = app[GATEWAY]
+    builtin = [p for p in gw.providers.values() if p.config.type == "mock" and not p.config.base_url]
+    if not builtin:
+        yield
+        return
+    runner, gw.mock_url = await mock_upstream.start()
+    for p in builtin:
+        p.base_url = gw.mock_url
+    log.info("mock_upstream_started", url=gw.mock_url)
+    yield
+    await runner.cleanup()
+
+
+async def _provider_sessions(app: web.Application) -> AsyncIterator[None]:
+    """One pooled ClientSession per provider."""
+    async with contextlib.AsyncExitStack() as sessions:
+        for provider in app[GATEWAY].providers.values():
+            await provider.start()
+            sessions.push_async_callback(provider.close)
+        yield
+
+
+async def _probes(app: web.Application) -> AsyncIterator[None]:
+    """A first round of probes (bounded by health.timeout_seconds, run concurrently), then the loop."""
+    gw = app[GATEWAY]
+    await gw.prober.probe_all()
     probes = asyncio.get_running_loop().create_task(gw.prober.run())
     gw.ready = True
     yield
@@ -173,14 +221,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     probes.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await probes
-    for provider in gw.providers.values():
-        await provider.close()
-    if mock_runner is not None:
-        await mock_runner.cleanup()
-    await gw.pipeline.drain()
-    gw.pipeline.limiter.close()
-    await gw.auth.close()
-    await gw.store.close()
 
 
 async def _capabilities(app: web.Application) -> AsyncIterator[None]:
@@ -244,8 +284,9 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
     # The body limit is enforced by read_json with a clear 413; aiohttp's own cap sits just above it.
     app = web.Application(client_max_size=config.server.max_body_bytes + 1, middlewares=[edge])
     app[GATEWAY] = gw
-    app.cleanup_ctx.append(_resources)
-    app.cleanup_ctx.append(_capabilities)
+    app.cleanup_ctx.extend(
+        (_store, _pipeline, _authenticator, _builtin_mock, _provider_sessions, _probes, _capabilities)
+    )
     openai.add_routes(app)
     native.add_routes(app)
     graphql.add_routes(app)

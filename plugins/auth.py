@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from aiohttp import web
 
-from gateway.config import ModelConfig
+from gateway.config import IdentityNeed, ModelConfig
 from gateway.context import RequestContext
 from gateway.errors import NotFound, PermissionDenied
 from gateway.pipeline import Services
@@ -15,6 +15,7 @@ from gateway.pipeline import Services
 class AuthPlugin:
     name: ClassVar[str] = "auth"
     declares_checks_only: ClassVar[bool] = False
+    needs_identity: ClassVar[IdentityNeed] = "none"
 
     def __init__(self, services: Services) -> None:
         self.auth = services.auth

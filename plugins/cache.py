@@ -30,7 +30,7 @@ import structlog
 from aiohttp import web
 
 from gateway import metrics
-from gateway.config import CacheConfig, ModelConfig
+from gateway.config import CacheConfig, IdentityNeed, ModelConfig
 from gateway.context import CachePlan, RequestContext, Usage
 from gateway.pipeline import Services
 from gateway.relay import SSE_HEADERS
@@ -46,6 +46,7 @@ POLL_SECONDS = 0.05
 class CachePlugin:
     name: ClassVar[str] = "cache"
     declares_checks_only: ClassVar[bool] = False
+    needs_identity: ClassVar[IdentityNeed] = "after_auth"
 
     def __init__(self, services: Services) -> None:
         self.settings: CacheConfig = services.config.cache

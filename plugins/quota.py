@@ -13,7 +13,7 @@ from typing import ClassVar
 from aiohttp import web
 
 from gateway.accounting import window_ends_ms, windows
-from gateway.config import ModelConfig, TeamConfig
+from gateway.config import IdentityNeed, ModelConfig, TeamConfig
 from gateway.context import RequestContext
 from gateway.pipeline import Services
 from gateway.state.base import Check, KeyRecord, Op
@@ -43,10 +43,13 @@ class _Plan:
 class QuotaPlugin:
     name: ClassVar[str] = "quota"
     declares_checks_only: ClassVar[bool] = True
+    needs_identity: ClassVar[IdentityNeed] = "required"
 
     def __init__(self, services: Services) -> None:
         self.prefix = services.prefix
-        self._plans: dict[tuple[int, int], _Plan] = {}
+        # (team id, key id) -> plan: a team re-read from the store (every second) replaces its plan
+        # rather than adding one, so this holds one entry per team and key.
+        self._plans: dict[tuple[str, str | None], _Plan] = {}
 
     def _plan(self, ctx: RequestContext) -> _Plan | None:
         """The budget keys of the caller's team (and key) for the current windows, built once per
@@ -56,10 +59,12 @@ class QuotaPlugin:
             return None
         team, key = identity.team, identity.key
         day, month, _, _ = windows()
-        cache_key = (id(team), id(key))
+        cache_key = (team.id, key.id if key is not None else None)
         plan = self._plans.get(cache_key)
         if plan is not None and plan.team is team and plan.key is key and plan.day == day:
             return plan
+        if len(self._plans) >= 10_000:  # teams re-read every second make new objects: stay bounded
+            self._plans.clear()
         base = f"{self.prefix}:{{{team.id}}}"
         scopes = [(base, team.budgets)]
         if key is not None:

@@ -16,7 +16,7 @@ from typing import ClassVar
 from aiohttp import web
 
 from gateway.accounting import reserve_tokens
-from gateway.config import Limits, ModelConfig, TeamConfig
+from gateway.config import IdentityNeed, Limits, ModelConfig, TeamConfig
 from gateway.context import RequestContext
 from gateway.pipeline import Services
 from gateway.state.base import Check, KeyRecord, Op
@@ -39,6 +39,7 @@ class _Plan:
 class RateLimitPlugin:
     name: ClassVar[str] = "rate_limit"
     declares_checks_only: ClassVar[bool] = True
+    needs_identity: ClassVar[IdentityNeed] = "required"
 
     def __init__(self, services: Services) -> None:
         self.prefix = services.prefix

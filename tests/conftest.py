@@ -22,16 +22,31 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from gateway import config_parser as config_mod
 from gateway import logging as gw_logging
+from gateway.config import ServerConfig
+from gateway.protocol import GatewayRunner
 from gateway.providers import mock
 from gateway.runtime import GATEWAY, Gateway
 from gateway.server import build_app
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROVIDER_KEY = "sk-provider-secret-0123456789abcdef"
+
+
+class GatewayTestServer(BaseTestServer):
+    """aiohttp's test server serving through the gateway's own runner, as ``llm-gateway serve`` does
+    (``gateway.protocol``: deadlines, the connection cap, the malformed-request answer)."""
+
+    def __init__(self, app: web.Application, settings: ServerConfig) -> None:
+        super().__init__(host="127.0.0.1")
+        self.app, self.settings = app, settings
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:  # the hook BaseTestServer declares
+        return GatewayRunner(self.app, self.settings)
 
 
 @dataclass
@@ -50,7 +65,7 @@ class Upstream:
 
 @dataclass
 class RunningGateway:
-    server: TestServer
+    server: GatewayTestServer
     app: web.Application
     logs: io.BytesIO
     clients: list[Any] = field(default_factory=list)
@@ -160,7 +175,7 @@ async def make_gateway() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[R
         config = config_mod.parse(cfg, env={})
         gw_logging.REDACTOR.set_secrets(config.secrets())
         app = build_app(config)
-        server = TestServer(app, host="127.0.0.1")
+        server = GatewayTestServer(app, config.server)
         await server.start_server()
         gateway = RunningGateway(server, app, logs)
         running.append(gateway)

@@ -86,6 +86,47 @@ def test_check_config_accepts_the_embedded_default(capsys: pytest.CaptureFixture
     assert err == ""
 
 
+@pytest.mark.parametrize(
+    ("plugins", "refused"),
+    [
+        (["cache", "auth"], ["plugins[0]: cache is listed before auth"]),
+        (["rate_limit", "auth"], ["plugins[0]: rate_limit is listed before auth"]),
+        (
+            ["quota", "cache", "auth"],
+            ["plugins[0]: quota is listed before auth", "plugins[1]: cache is listed"],
+        ),
+    ],
+)
+def test_check_config_refuses_a_plugin_that_needs_the_team_before_auth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], plugins: list[str], refused: list[str]
+) -> None:
+    # Before auth the cache would put every caller in one anonymous namespace: one team's answers would
+    # go to callers with no key at all.
+    cfg = {
+        "providers": [{"name": "m", "type": "mock", "base_url": "http://127.0.0.1:9/v1"}],
+        "models": [{"name": "chat", "targets": [{"provider": "m", "model": "mock-chat"}]}],
+        "teams": [{"id": "a", "api_keys": [TEAM_SECRET]}],
+        "plugins": plugins,
+    }
+    code, out, err = run_main(capsys, "check-config", str(write_config(tmp_path, cfg)))
+    assert code == 2 and out == ""
+    problems = [line.strip() for line in err.splitlines() if line.strip().startswith("- ")]
+    assert len(problems) == len(refused), err
+    for problem, start in zip(problems, refused, strict=True):
+        assert problem.startswith(f"- {start}") and "list auth before" in problem, problem
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted([*(ROOT / "config").glob("*.yaml"), *(ROOT / "load").glob("*.yaml")]),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_check_config_accepts_the_shipped_configs(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(capsys, "check-config", str(path))
+    assert code == 0, err
+    assert "ok" in out
+
+
 def test_check_config_accepts_a_good_file_with_env_values(tmp_path: Path) -> None:
     cfg = {
         "providers": [
@@ -324,6 +365,59 @@ async def test_serve_with_a_bad_config_exits_2(
     assert proc.returncode == 2
     assert b"providers" in out + err
     assert b"Traceback" not in out + err
+
+
+async def run_serve(*args: str) -> tuple[int, str, str]:
+    """``llm-gateway serve ARGS`` that is expected to stop by itself: exit status, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        *args,
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "two-workers"])
+async def test_serve_on_a_busy_port_says_so_in_one_line_and_exits_1(workers: list[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = await run_serve("--port", str(port), *workers)
+    assert code == 1
+    assert err == f"llm-gateway: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert "Traceback" not in out + err
+    assert "Unclosed" not in out + err  # what start-up had opened was closed
+    assert '"gateway_started"' not in out
+
+
+BAD_URL = "is not a valid URL (check the host, and the port: a number from 0 to 65535)"
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "two-workers"])
+async def test_serve_with_an_unusable_redis_url_says_so_and_exits_2(
+    tmp_path: Path, workers: list[str]
+) -> None:
+    cfg = {
+        "redis": {"url": "redis://:redis-pass-0a1b2c3d@127.0.0.1:notaport/0"},
+        "providers": [{"name": "mock", "type": "mock"}],
+        "models": [{"name": "chat", "targets": [{"provider": "mock", "model": "mock-chat"}]}],
+        "plugins": [],
+    }
+    code, out, err = await run_serve("--config", str(write_config(tmp_path, cfg)), *workers)
+    assert code == 2
+    events = [orjson.loads(line) for line in out.splitlines()]
+    assert [e["problems"] for e in events if e["event"] == "config_invalid"] == [[f"redis.url: {BAD_URL}"]]
+    assert "Traceback" not in out + err
+    assert "redis-pass-0a1b2c3d" not in out + err
 
 
 async def test_sigterm_drains_in_flight_stream_then_exits_0(

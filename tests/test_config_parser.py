@@ -12,10 +12,18 @@ import pytest
 import yaml
 
 from gateway import config_parser as config_mod
-from gateway.config import Config, ConfigError, hash_key
+from gateway.config import (
+    DEFAULT_PLUGINS,
+    KNOWN_PLUGINS,
+    PLUGIN_NEEDS_IDENTITY,
+    Config,
+    ConfigError,
+    hash_key,
+)
 from gateway.config_parser import parse
 from gateway.providers import create
 from gateway.routing import Router
+from plugins import REGISTRY
 from tests.conftest import RunningGateway
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "config" / "gateway.yaml"
@@ -164,6 +172,15 @@ def test_every_problem_is_reported_at_once_with_its_dotted_path() -> None:
         (minimal(plugins="auth"), "plugins: must be a list of strings"),
         (minimal(redis={"url": "unix:///run/redis.sock", "cluster": True}), "redis.url: a Redis Cluster is"),
         (minimal(redis={"url": "redis://r:6379/2", "cluster": True}), "redis.url: a Redis Cluster has only"),
+        (minimal(redis={"url": "redis://r:notaport/0"}), "redis.url: is not a valid URL"),
+        (minimal(redis={"url": "redis://r:70000/0"}), "redis.url: is not a valid URL"),
+        (minimal(redis={"url": "redis://[::1/0"}), "redis.url: is not a valid URL"),
+        (minimal(redis={"url": "redis://r:6379/zero"}), "redis.url: the database"),
+        (minimal(server={"head_timeout_seconds": 0}), "server.head_timeout_seconds: must be greater than 0"),
+        (minimal(server={"body_timeout_seconds": -1}), "server.body_timeout_seconds: must not be negative"),
+        (minimal(server={"keepalive_timeout_seconds": 0}), "server.keepalive_timeout_seconds: must be"),
+        (minimal(server={"max_connections": 0}), "server.max_connections: must be greater than 0"),
+        (minimal(server={"max_connections": 1.5}), "server.max_connections: must be int"),
         (
             minimal(auth={"jwt": {"algorithms": ["none"], "audience": "a", "issuer": "i"}}),
             "auth.jwt.algorithms",
@@ -174,10 +191,66 @@ def test_single_problems(raw: Any, problem: str) -> None:
     assert any(p.startswith(problem) for p in problems_of(raw)), problem
 
 
+SHARED, NO_ONE = "every caller would share one namespace", "it binds no one"
+
+
+def before_auth(i: int, name: str, harm: str) -> str:
+    listed = f"{name} is listed before auth but needs the caller's team"
+    return f"plugins[{i}]: {listed} ({harm}): list auth before {name}"
+
+
+def without_auth(i: int, name: str) -> str:
+    return f"plugins[{i}]: {name} needs the caller's team, which auth sets: list auth before it"
+
+
+@pytest.mark.parametrize(
+    ("plugins", "expected"),
+    [
+        (["cache", "auth"], [before_auth(0, "cache", SHARED)]),
+        (["rate_limit", "auth"], [before_auth(0, "rate_limit", NO_ONE)]),
+        (["quota", "cache", "auth"], [before_auth(0, "quota", NO_ONE), before_auth(1, "cache", SHARED)]),
+        (
+            ["cache", "auth", "quota", "auth"],
+            [before_auth(0, "cache", SHARED), "plugins: lists a plugin twice"],
+        ),
+        (["rate_limit"], [without_auth(0, "rate_limit")]),
+        (["cache", "quota"], [without_auth(1, "quota")]),
+    ],
+)
+def test_plugins_that_need_the_callers_team_run_after_auth(plugins: list[str], expected: list[str]) -> None:
+    assert problems_of(minimal(plugins=plugins)) == expected
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [
+        None,
+        [],
+        ["auth"],
+        ["cache"],  # keyless and single-tenant: every caller is the same anonymous tenant
+        ["auth", "cache"],
+        ["auth", "cache", "rate_limit", "quota"],
+        ["auth", "quota", "rate_limit", "cache"],
+    ],
+)
+def test_plugin_orders_that_keep_teams_apart_are_accepted(plugins: list[str] | None) -> None:
+    raw = minimal() if plugins is None else minimal(plugins=plugins)
+    assert parse(raw, env={}).plugins == (DEFAULT_PLUGINS if plugins is None else tuple(plugins))
+
+
+def test_the_parser_enforces_what_each_plugin_class_declares() -> None:
+    # The parser cannot import the plugin classes (they import the parser): it reads a copy.
+    assert {name: cls.needs_identity for name, cls in REGISTRY.items()} == dict(PLUGIN_NEEDS_IDENTITY)
+    assert tuple(REGISTRY) == KNOWN_PLUGINS
+
+
 def test_defaults() -> None:
     cfg = parse(minimal(), env={})
     assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8080)
     assert cfg.server.max_body_bytes == 10 * 1024 * 1024
+    s = cfg.server
+    assert (s.head_timeout_seconds, s.body_timeout_seconds, s.keepalive_timeout_seconds) == (10, 30, 75)
+    assert s.max_connections == 10_000
     t = cfg.providers[0].timeouts
     assert (t.connect, t.first_byte, t.idle, t.total) == (5, 60, 30, 600)
     r = cfg.routing

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MASTER_KEY, TEAM_KEY, RunningGateway, Upstream, base_config, tenancy_config
+from tests.helpers import raw_request
 
 CONTRACT = {
     "llm_gateway_requests": ("counter", {"model", "provider", "status_code", "team"}),
@@ -209,6 +210,10 @@ async def test_metrics_bearer_token(upstream: Upstream, make_gateway: Any) -> No
         async with session.get(gw.root + "/metrics", headers={"Authorization": "Bearer nope"}) as r:
             assert r.status == 401
     assert await scrape(gw, token="metrics-token-123")
+    # The right token beside a wrong one is ambiguous, whichever comes first.
+    for pair in (("Bearer metrics-token-123", "Bearer nope"), ("Bearer nope", "Bearer metrics-token-123")):
+        status, _ = await raw_request(gw.root, "GET", "/metrics", [("Authorization", v) for v in pair])
+        assert status == 401
 
 
 async def test_usage_api_and_metrics_agree(upstream: Upstream, make_gateway: Any) -> None:

@@ -294,7 +294,7 @@ async def test_unknown_request_fields_reach_the_upstream_untouched(
 ) -> None:
     extra = {
         "foo": {"bar": 1, "nested": [1, 2.5, None, "\u2713"]},
-        "provider": {"order": ["deepseek"], "allow_fallbacks": False},  # OpenRouter routing
+        "top_k": 40,  # provider-specific (routing and billing fields are stripped: tests/test_steering.py)
         "thinking": {"type": "enabled"},
     }
     messages: Any = [

@@ -87,8 +87,9 @@ async def detailed(request: web.Request) -> web.Response:
 async def prometheus(request: web.Request) -> web.Response:
     token = request.app[GATEWAY].config.metrics.bearer_token
     if token is not None:
-        presented = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+        presented = request.headers.getall("Authorization", ())
+        # SECURITY: exactly one Authorization header, the right one (a doubled header is ambiguous).
+        if len(presented) != 1 or not hmac.compare_digest(presented[0].encode(), f"Bearer {token}".encode()):
             raise AuthenticationFailed("a valid bearer token is required for /metrics")
     registry = REGISTRY
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: merge their files

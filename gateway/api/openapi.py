@@ -29,7 +29,7 @@ ADMIN_NOTE = "Master key or an admin JWT only; a team key gets 403."
 ERRORS = {
     400: "Invalid request: a bad body or parameter; `context_length_exceeded` when the prompt and "
     "`max_tokens` do not fit the model's window; `content_filter` when a guardrail blocks it.",
-    401: "No key, or not a valid one (`missing_api_key`, `invalid_api_key`).",
+    401: "No key, not a valid one, or two (`missing_api_key`, `invalid_api_key`, `ambiguous_credentials`).",
     403: "The key may not do this (`model_not_allowed`, `admin_required`, `admin_key_not_allowed`).",
     404: "No such model or resource (`model_not_found`).",
     409: "Conflict: the team exists already, or is defined in the config file (read-only here).",
@@ -242,8 +242,9 @@ def _paths() -> dict[str, dict[str, Any]]:
         parameters=[param("query", name, f"Only this {name}'s entries.") for name in ("team", "model")])
     date = {"type": "string", "format": "date"}
     add("get", "/api/v1/usage", "getUsage", "Requests, tokens and cost by UTC day and model",
-        ok("The usage report.", ref("Usage")), 400, 401, 403, 503,
-        description="A team key reads its own team; the master key or an admin JWT names one with `team`.",
+        ok("The usage report.", ref("Usage")), 400, 401, 403, 429, 503,
+        description="A team key reads its own team; the master key or an admin JWT names one with `team`. "
+        "At most 366 days; 60 calls a minute per team, 120 per instance for admin callers (429).",
         parameters=[param("query", "team", "The team (admin callers must name one)."),
                     param("query", "start", "First day (default: 6 days before `end`).", date),
                     param("query", "end", "Last day, inclusive (default: today, UTC).", date)])

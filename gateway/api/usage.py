@@ -2,22 +2,43 @@
 
 A team key (or team JWT) reads its own team; asking for another team is refused. The master key
 or an admin JWT reads any team with ``?team=``. Days are UTC; ``start``/``end`` are inclusive
-``YYYY-MM-DD`` dates (default: the last 7 days), at most 366 days apart.
+``YYYY-MM-DD`` dates (default: the last 7 days), covering at most ``MAX_DAYS`` (366) days.
+
+A report costs the store one round trip whatever its range (one script reads every day's hash), plus
+one for the rate limit below: a long range cannot hold a connection for hundreds of sequential reads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from gateway.errors import InvalidRequest, PermissionDenied
+from gateway import metrics
+from gateway.errors import InvalidRequest, PermissionDenied, RateLimited
 from gateway.runtime import GATEWAY
+from gateway.state.base import Check
 from plugins.quota import usage_key
 
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_usd")
+MAX_DAYS = 366  # a leap year, both ends included: one report reads at most this many hashes
+
+# The usage API's own rate limits, not the team's completion rpm. Its cost has nothing to do with a
+# completion's (up to MAX_DAYS hash reads, no model call), so the completion rpm would bound it badly
+# either way: a team with no rpm (or a large one) could still poll it without end, and a dashboard
+# polling it would take requests from the team's completions and be refused whenever they are at
+# their limit. So: a bucket per team (shared by every instance, in the store under the team's hash
+# tag, taken through the Limiter like any limit), and one per instance for admin callers (the master
+# key, admin JWTs) reading any team, kept in memory (no store call). A refusal is a 429 with Retry-After.
+TEAM_RPM = 60
+ADMIN_RPM = 120
+# Reports reading the store at once, per instance (the rest wait their turn): a burst of them cannot
+# take every pooled connection of the off-hot-path client, which runtime keys are looked up through.
+CONCURRENT_READS = 4
+_READS = web.AppKey("usage_reads", asyncio.Semaphore)
 
 
 def _date(value: str | None, default: dt.date, name: str) -> dt.date:
@@ -50,17 +71,20 @@ async def usage(request: web.Request) -> web.Response:
     today = dt.datetime.now(dt.UTC).date()
     end = _date(request.query.get("end"), today, "end")
     start = _date(request.query.get("start"), end - dt.timedelta(days=6), "start")
-    if start > end or (end - start).days > 366:
-        raise InvalidRequest("start must not be after end, and the range at most 366 days", param="start")
+    if start > end or (end - start).days >= MAX_DAYS:
+        raise InvalidRequest(
+            f"start must not be after end, and the range at most {MAX_DAYS} days", param="start"
+        )
     prefix = gw.config.redis.prefix if gw.config.redis else "llmgw"
+    await _take(request, prefix, team, admin=identity.admin)
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    async with request.app[_READS]:
+        hashes = await gw.store.usage_many([usage_key(prefix, team, d.strftime("%Y%m%d")) for d in days])
     rows: list[dict[str, Any]] = []
     total = dict.fromkeys(FIELDS, 0.0)
-    day = start
-    while day <= end:
+    for day, fields in zip(days, hashes, strict=True):
         by_model: dict[str, dict[str, float]] = {}
-        for field_name, value in (
-            await gw.store.usage(usage_key(prefix, team, day.strftime("%Y%m%d")))
-        ).items():
+        for field_name, value in fields.items():
             model, _, kind = field_name.rpartition("|")
             by_model.setdefault(model, dict.fromkeys(FIELDS, 0.0))[kind] = value
         for model in sorted(by_model):
@@ -68,7 +92,6 @@ async def usage(request: web.Request) -> web.Response:
             for k in FIELDS:
                 total[k] += row.get(k, 0.0)
             rows.append({"date": day.isoformat(), "model": model, **_typed(row)})
-        day += dt.timedelta(days=1)
     body = {
         "object": "usage",
         "team": team,
@@ -80,9 +103,29 @@ async def usage(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
+async def _take(request: web.Request, prefix: str, team: str, *, admin: bool) -> None:
+    """One token of the caller's usage API bucket, or a 429 with Retry-After."""
+    limiter = request.app[GATEWAY].pipeline.limiter
+    if admin:
+        rpm, label = ADMIN_RPM, "none"  # (the team label of callers with no team)
+        check = Check("bucket", f"{prefix}:usage-api:admin:rpm", rpm, "usage_api", rate=rpm / 60, cost=1)
+        decision = await limiter.local.admit([check])  # per instance: no store call
+    else:
+        rpm, label = TEAM_RPM, team
+        # The team's hash tag: on Redis Cluster, the same master as the team's usage books.
+        check = Check("bucket", f"{prefix}:{{{team}}}:usage-api:rpm", rpm, "usage_api", rate=rpm / 60, cost=1)
+        decision, _ = await limiter.take([check])  # the store's fail-open/closed policy applies
+    if decision.failed is not None:
+        metrics.RATE_LIMITED.labels(label, "usage_api").inc()
+        raise RateLimited(
+            f"rate limit reached: usage API requests per minute ({rpm})", retry_after=decision.retry_after
+        )
+
+
 def _typed(row: dict[str, float]) -> dict[str, Any]:
     return {k: (round(row.get(k, 0.0), 10) if k == "cost_usd" else int(row.get(k, 0.0))) for k in FIELDS}
 
 
 def add_routes(app: web.Application) -> None:
+    app[_READS] = asyncio.Semaphore(CONCURRENT_READS)
     app.router.add_get("/api/v1/usage", usage)

@@ -108,8 +108,8 @@ class MemoryStore:
     async def counter(self, key: str) -> float:
         return self._counter(key, time.time())
 
-    async def usage(self, key: str) -> dict[str, float]:
-        return dict(self._hashes.get(key, {}))
+    async def usage_many(self, keys: Sequence[str]) -> list[dict[str, float]]:
+        return [dict(self._hashes.get(key, {})) for key in keys]
 
     async def get_key(self, key_hash: str) -> KeyRecord | None:
         return self._keys.get(key_hash)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections import defaultdict
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -13,7 +15,9 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
+from gateway.state.base import Op
+from plugins.quota import usage_key
+from tests.conftest import MASTER_KEY, REDIS_URL, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
 
 MESSAGES = [{"role": "user", "content": "how many tokens is this?"}]
 BACKENDS = pytest.mark.parametrize("redis", [True, False], ids=["redis", "memory"])
@@ -269,3 +273,236 @@ async def test_dates_at_the_calendars_ends_are_a_400(upstream, make_gateway, que
     gw = await make_gateway(tenancy_config(upstream.url, redis=False))
     status, body = await gw.http("GET", f"/api/v1/usage?{query}", TEAM_KEY)
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+class TurnCounter:
+    """A TCP proxy in front of Redis that counts round trips on the wire, per connection: a turn is
+    the client sending after it last heard from Redis (or for the first time). Commands pipelined in
+    one go are one turn whatever their number; commands each waiting for the previous reply are one
+    turn each. It counts what the gateway does, not how (redis-py, the hot path's pipe, a script)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.turns = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
+        self.writers += [client_w, redis_w]
+        waiting = False  # the client has sent since Redis last answered
+
+        async def up() -> None:
+            nonlocal waiting
+            while data := await client_r.read(1 << 20):
+                if not waiting:
+                    self.turns += 1
+                    waiting = True
+                redis_w.write(data)
+
+        async def down() -> None:
+            nonlocal waiting
+            while data := await redis_r.read(1 << 20):
+                waiting = False
+                client_w.write(data)
+
+        try:
+            await asyncio.wait(
+                [asyncio.ensure_future(up()), asyncio.ensure_future(down())],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            client_w.transport.abort()
+            redis_w.transport.abort()
+            self.handlers.discard(task)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        while self.handlers:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_years_report_is_one_round_trip(upstream, make_gateway) -> None:
+    """A 366-day report costs Redis a bounded few round trips, not one per day.
+
+    Measured on the wire: every connection of the gateway to Redis goes through ``TurnCounter``,
+    which counts turns (the client writing after Redis last answered). This measures round trips
+    whatever carries them, where ``INFO commandstats`` would only count commands (366 HGETALLs are
+    366 calls whether sent one by one, pipelined or run by a script). One day at a time — the old
+    loop — is 366 turns; reading every day at once is one, and the usage API's rate limit one more
+    (an admission script). Bytes sent in one go but split across two reads, with a reply in between,
+    would count twice: hence at most 3. That every day was read shows in the first and last day's rows."""
+    url = urlsplit(REDIS_URL)
+    proxy = TurnCounter(url.hostname or "127.0.0.1", url.port or 6379)
+    await proxy.start()
+    try:
+        cfg = usage_config(upstream.url)
+        prefix = cfg["redis"]["prefix"]
+        cfg["redis"]["url"] = proxy.url
+        gw = await make_gateway(cfg)
+        end = dt.datetime.now(dt.UTC).date()
+        start = end - dt.timedelta(days=365)
+        ops = [
+            Op("usage", usage_key(prefix, "team-a", d.strftime("%Y%m%d")), ("chat", 10, 5, 0.25, 3600))
+            for d in (start, end)
+        ]
+        await gw.gateway.store.settle(ops)
+        query = f"?start={start}&end={end}"
+        status, warm = await get_usage(gw, TEAM_KEY, query)  # connections opened, scripts loaded
+        assert status == 200, warm
+        before = proxy.turns
+        status, report = await get_usage(gw, TEAM_KEY, query)
+        turns = proxy.turns - before
+        assert status == 200, report
+        assert report == warm
+        assert [row["date"] for row in report["data"]] == [start.isoformat(), end.isoformat()]
+        assert report["total"]["requests"] == 2
+        assert 1 <= turns <= 3, turns
+    finally:
+        await proxy.stop()
+
+
+@BACKENDS
+async def test_a_range_over_366_days_is_a_400(upstream, make_gateway, redis) -> None:
+    gw = await make_gateway(usage_config(upstream.url, redis=redis))
+    end = dt.date(2028, 12, 31)
+    status, report = await get_usage(gw, TEAM_KEY, f"?start=2028-01-01&end={end}")  # a leap year: 366
+    assert status == 200, report
+    for start in (end - dt.timedelta(days=366), dt.date(2000, 1, 1)):
+        status, body = await get_usage(gw, TEAM_KEY, f"?start={start}&end={end}")
+        assert status == 400, start
+        assert body["error"]["type"] == "invalid_request_error"
+        assert body["error"]["param"] == "start"
+        assert "366 days" in body["error"]["message"]
+
+
+async def burst(gw: RunningGateway, key: str, queries: list[str]) -> tuple[list[int], list[Any], float]:
+    """One usage call per query, all at once: their statuses and refusals (headers, body), and how
+    long it took."""
+    headers = {"Authorization": f"Bearer {key}"}
+    refused: list[Any] = []
+
+    async def one(session: aiohttp.ClientSession, query: str) -> int:
+        async with session.get(f"{gw.root}/api/v1/usage{query}", headers=headers) as resp:
+            body = orjson.loads(await resp.read())
+            if resp.status == 429:
+                refused.append((resp.headers, body))
+            return resp.status
+
+    began = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        statuses = await asyncio.gather(*(one(session, q) for q in queries))
+    return list(statuses), refused, time.monotonic() - began
+
+
+@BACKENDS
+async def test_the_usage_api_is_rate_limited(upstream, make_gateway, redis) -> None:
+    """60 a minute per team, whatever its completion rpm (and without taking from it); 120 a minute
+    per instance for admin callers, whichever teams they read. A refusal is OpenAI's 429 with
+    Retry-After. The buckets refill (2 and 1 a second) while a burst runs: hence the allowance for
+    its duration. No 503 either: a burst of reports waits for the store's pooled connections."""
+    gw = await make_gateway(usage_config(upstream.url, redis=redis, limits={"rpm": 2}))
+    statuses, refused, took = await burst(gw, MASTER_KEY, ["?team=team-a", "?team=team-b"] * 70)
+    ok = statuses.count(200)
+    assert 120 <= ok <= 120 + 2 * int(took) + 2, (ok, took)
+    assert set(statuses) == {200, 429}
+    assert refused and int(refused[0][0]["Retry-After"]) >= 1
+
+    # The team's own bucket is whole: the admin's calls reading it took none of its tokens.
+    statuses, refused, took = await burst(gw, TEAM_KEY, [""] * 75)
+    ok = statuses.count(200)
+    assert 60 <= ok <= 60 + int(took) + 1, (ok, took)
+    assert set(statuses) == {200, 429}
+    headers, body = refused[0]
+    assert int(headers["Retry-After"]) >= 1
+    assert body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert "usage API" in body["error"]["message"]
+
+    # The team's completions are untouched (rpm 2: both still pass), and so is another team.
+    client = gw.client(api_key=TEAM_KEY)
+    for _ in range(2):
+        await client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert (await get_usage(gw, TEAM_B_KEY))[0] == 200
+
+
+@BACKENDS
+async def test_a_weeks_report_is_unchanged(upstream, make_gateway, redis) -> None:
+    """The report reads all days at once now; its JSON is exactly what the day-by-day loop made."""
+    cfg = usage_config(upstream.url, redis=redis)
+    prefix = cfg["redis"]["prefix"] if redis else "llmgw"
+    gw = await make_gateway(cfg)
+
+    def book(day: str, model: str, prompt: int, completion: int, cost: float, team: str = "team-a") -> Op:
+        return Op("usage", usage_key(prefix, team, day), (model, prompt, completion, cost, 3600))
+
+    await gw.gateway.store.settle(
+        [
+            book("20260301", "chat", 100, 20, 0.0006),  # the day before the range: not reported
+            book("20260302", "fast", 7, 3, 0.00000725),
+            book("20260302", "chat", 12, 4, 0.000096),
+            book("20260302", "chat", 30, 0, 0.00009),
+            book("20260305", "chat", 0, 0, 0),  # a cache hit: a request, no tokens
+            book("20260308", "fast", 1, 1, 0.00000175),
+            book("20260309", "chat", 5, 5, 0.00009),  # the day after
+            book("20260304", "chat", 50, 50, 1.0, team="team-b"),  # another team
+        ]
+    )
+    status, report = await get_usage(gw, TEAM_KEY, "?start=2026-03-02&end=2026-03-08")
+    assert status == 200, report
+    assert report == {
+        "object": "usage",
+        "team": "team-a",
+        "start": "2026-03-02",
+        "end": "2026-03-08",
+        "data": [
+            {
+                "date": "2026-03-02",
+                "model": "chat",
+                "requests": 2,
+                "prompt_tokens": 42,
+                "completion_tokens": 4,
+                "cost_usd": 0.000186,
+            },
+            {
+                "date": "2026-03-02",
+                "model": "fast",
+                "requests": 1,
+                "prompt_tokens": 7,
+                "completion_tokens": 3,
+                "cost_usd": 0.00000725,
+            },
+            {
+                "date": "2026-03-05",
+                "model": "chat",
+                "requests": 1,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "cost_usd": 0,
+            },
+            {
+                "date": "2026-03-08",
+                "model": "fast",
+                "requests": 1,
+                "prompt_tokens": 1,
+                "completion_tokens": 1,
+                "cost_usd": 0.00000175,
+            },
+        ],
+        "total": {"requests": 5, "prompt_tokens": 50, "completion_tokens": 8, "cost_usd": 0.000195},
+    }

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
+from tests.helpers import raw_request
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "chat", "messages": MESSAGES}
@@ -119,6 +120,122 @@ async def test_missing_wrong_or_malformed_key_is_401(upstream, make_gateway, hea
         err = assert_error(answer, "authentication_error", code)
         assert "wrong-key" not in err["message"]
     assert upstream.state.count == 0
+
+
+# --- ambiguous credentials (issue #12) ---------------------------------------------------------------------
+# Two copies of the caller's key are refused, never settled by taking one: a proxy in front that checked the
+# other copy would disagree with the gateway about who is calling. These need a raw request: HTTP clients
+# (aiohttp, the openai SDK) merge a header given twice before sending it.
+
+A, B = f"Bearer {TEAM_KEY}", f"Bearer {TEAM_B_KEY}"
+AMBIGUOUS = {
+    "authorization-twice": [("Authorization", A), ("Authorization", B)],
+    "authorization-in-two-spellings": [("Authorization", A), ("authorization", B)],
+    "authorization-twice-same-key": [("authorization", A), ("AUTHORIZATION", A)],
+    "authorization-then-empty": [("Authorization", A), ("Authorization", "")],
+    "empty-then-authorization": [("Authorization", ""), ("Authorization", A)],
+    "x-api-key-twice": [("x-api-key", TEAM_KEY), ("X-API-Key", TEAM_B_KEY)],
+    "x-api-key-then-empty": [("x-api-key", TEAM_KEY), ("x-api-key", "")],
+    "bearer-and-another-x-api-key": [("Authorization", A), ("x-api-key", TEAM_B_KEY)],
+    "x-api-key-and-another-bearer": [("x-api-key", TEAM_B_KEY), ("Authorization", A)],
+    "bearer-and-empty-x-api-key": [("Authorization", A), ("x-api-key", "")],
+    "bearer-and-x-api-key-with-the-scheme": [("Authorization", A), ("x-api-key", A)],
+    "bearer-and-x-api-key-with-more": [("Authorization", A), ("x-api-key", f"{TEAM_KEY} {TEAM_B_KEY}")],
+    "basic-and-x-api-key": [("Authorization", f"Basic {TEAM_KEY}"), ("x-api-key", TEAM_KEY)],
+    "empty-bearer-and-x-api-key": [("Authorization", "Bearer"), ("x-api-key", TEAM_KEY)],
+}
+NATIVE = {"messages": MESSAGES, "options": {"model": "chat"}}
+
+
+def assert_ambiguous(status: int, body: Any, *secrets: str, type_: str = "authentication_error") -> None:
+    assert status == 401, body
+    err = body["error"]
+    assert err["type"] == type_ and err["code"] == "ambiguous_credentials", err
+    assert "ambiguous" in err["message"]
+    for secret in secrets:
+        assert secret not in err["message"]
+
+
+@pytest.mark.parametrize("headers", list(AMBIGUOUS.values()), ids=list(AMBIGUOUS))
+async def test_ambiguous_credentials_are_401_on_every_api(upstream, make_gateway, headers) -> None:
+    gw = await make_gateway(tenancy_config(upstream.url))
+    secrets = (TEAM_KEY, TEAM_B_KEY)
+    for method, path, body in (
+        ("POST", "/v1/chat/completions", CHAT),
+        ("GET", "/v1/models", None),
+        ("GET", "/api/v1/usage", None),
+        ("GET", "/admin/teams", None),
+    ):
+        status, answer = await raw_request(gw.root, method, path, headers, body)
+        assert_error(answer, "authentication_error")
+        assert_ambiguous(status, answer, *secrets)
+    # The native API, in its own error shape.
+    status, answer = await raw_request(gw.root, "POST", "/api/v1/llm/complete", headers, NATIVE)
+    assert_ambiguous(status, answer, *secrets, type_="INVALID_REQUEST")
+    assert set(answer["error"]) == {"type", "code", "message", "provider", "requestId"}
+    # GraphQL over HTTP: refused before the document is even parsed.
+    status, answer = await raw_request(gw.root, "POST", "/graphql", headers, {"query": "{ models { name } }"})
+    assert answer["data"] is None, answer
+    assert answer["errors"][0]["extensions"]["errorCode"] == "ambiguous_credentials"
+    assert upstream.state.count == 0
+    assert TEAM_KEY not in gw.logs.getvalue().decode() and TEAM_B_KEY not in gw.logs.getvalue().decode()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", A), ("x-api-key", TEAM_KEY)],
+        [("x-api-key", TEAM_KEY), ("authorization", f"bearer   {TEAM_KEY}")],
+    ],
+    ids=["same-key", "same-key-other-spelling-and-spaces"],
+)
+async def test_the_same_key_in_both_headers_is_served(upstream, make_gateway, headers) -> None:
+    gw = await make_gateway(tenancy_config(upstream.url))
+    status, body = await raw_request(gw.root, "POST", "/v1/chat/completions", headers, CHAT)
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == "Mock answer: hi"
+    status, body = await raw_request(gw.root, "POST", "/api/v1/llm/complete", headers, NATIVE)
+    assert status == 200, body
+    assert [line["team"] for line in gw.log_lines() if line.get("event") == "request"] == ["team-a"] * 2
+
+
+async def test_sdk_default_headers_naming_another_key_are_refused(upstream, make_gateway) -> None:
+    gw = await make_gateway(tenancy_config(upstream.url))
+    client = gw.client(api_key=TEAM_KEY, default_headers={"x-api-key": TEAM_B_KEY})
+    for stream in (False, True):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await client.chat.completions.create(model="chat", messages=MESSAGES, stream=stream)
+        assert caught.value.status_code == 401
+        assert caught.value.code == "ambiguous_credentials"
+    assert upstream.state.count == 0
+    agreeing = gw.client(api_key=TEAM_KEY, default_headers={"x-api-key": TEAM_KEY})
+    reply = await agreeing.chat.completions.create(model="chat", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Mock answer: hi"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", f"Bearer {TEAM_KEY}"), ("x-api-key", MASTER_KEY)],
+        [("Authorization", f"Bearer {MASTER_KEY}"), ("x-api-key", TEAM_KEY)],
+        [("Authorization", f"Bearer {TEAM_KEY}"), ("authorization", f"Bearer {MASTER_KEY}")],
+        [("Authorization", f"Bearer {MASTER_KEY}"), ("Authorization", f"Bearer {TEAM_KEY}")],
+        [("x-api-key", MASTER_KEY), ("x-api-key", MASTER_KEY)],
+    ],
+    ids=[
+        "team-bearer-master-x-api-key",
+        "master-bearer-team-x-api-key",
+        "team-then-master",
+        "master-then-team",
+        "master-x-api-key-twice",
+    ],
+)
+async def test_admin_api_refuses_ambiguous_credentials(upstream, make_gateway, headers) -> None:
+    gw = await make_gateway(tenancy_config(upstream.url))
+    status, body = await raw_request(gw.root, "POST", "/admin/teams", headers, {"id": "team-x"})
+    assert_ambiguous(status, body, MASTER_KEY, TEAM_KEY)
+    status, body = await raw_request(gw.root, "GET", "/admin/teams", [("x-api-key", MASTER_KEY)])
+    assert status == 200 and "team-x" not in orjson.dumps(body).decode()
 
 
 async def test_sdk_raises_authentication_error_for_a_wrong_key(upstream, make_gateway) -> None:

@@ -9,6 +9,7 @@ master while the gateway runs (``MOVED``), and a slot caught mid-migration (``AS
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 import shutil
 import signal
@@ -203,6 +204,10 @@ async def test_limits_usage_and_runtime_keys_on_a_cluster(
     assert status == 200 and usage["total"]["requests"] == 3
     status, usage = await gw.http("GET", "/api/v1/usage", TEAM_KEY)
     assert status == 200 and usage["total"]["requests"] == 5
+    # A year's report: its days in one script call on the team's master (the script is loaded there).
+    today = dt.datetime.now(dt.UTC).date()
+    status, year = await gw.http("GET", f"/api/v1/usage?start={today - dt.timedelta(days=365)}", TEAM_KEY)
+    assert status == 200 and year["data"] == usage["data"] and year["total"] == usage["total"]
 
     # Runtime keys (the directory, through redis-py's cluster client): created, used, revoked.
     status, created = await gw.http("POST", "/admin/keys", MASTER_KEY, {"team": "team-b", "name": "ci"})

@@ -425,3 +425,23 @@ async def test_a_replay_cancelled_while_booking_an_entry_keeps_it() -> None:
         server.close()
         await server.wait_closed()
         await asyncio.sleep(0.05)  # the handler closes its side
+
+
+async def test_a_runtime_key_is_served_from_memory_only_for_a_bounded_time_during_an_outage(
+    upstream, make_gateway, private_redis: PrivateRedis
+) -> None:
+    """Issue #12: a key revoked just before an outage must not work for the whole outage."""
+    cfg = tenancy_config(upstream.url)
+    cfg["redis"].update(url=private_redis.url, timeout_seconds=0.2)
+    cfg["auth"] = {"max_stale_seconds": 1.0}
+    cfg["plugins"] = ["auth"]
+    gw = await make_gateway(cfg)
+    status, made = await gw.http("POST", "/admin/keys", MASTER_KEY, {"team": "team-a"})
+    assert status == 201
+    assert (await chat(gw, made["key"]))[0] == 200  # read from Redis, remembered
+    private_redis.kill()
+    assert (await chat(gw, made["key"]))[0] == 200  # the outage has just begun: the last answer serves
+    await asyncio.sleep(1.2)
+    status, _, body = await chat(gw, made["key"])
+    assert status == 503 and body["error"]["code"] == "state_store_unavailable"
+    assert (await chat(gw, TEAM_KEY))[0] == 200  # config keys need no lookup

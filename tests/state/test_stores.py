@@ -185,13 +185,24 @@ async def test_usage_report_fields_accumulate(backend: Backend) -> None:
     store, report = backend.store, backend.key("usage:20260101")
     await store.settle([Op("usage", report, ("chat", 10, 5, 0.5, 60))])
     await store.settle([Op("usage", report, ("chat", 3, 0, 0.25, 60))])
-    assert await store.usage(report) == {
-        "chat|requests": 2.0,
-        "chat|prompt_tokens": 13.0,
-        "chat|completion_tokens": 5.0,
-        "chat|cost_usd": 0.75,
-    }
-    assert await store.usage(backend.key("usage:20260102")) == {}
+    await store.settle([Op("usage", backend.key("usage:20260103"), ("fast", 1, 2, 0.125, 60))])
+    # Any number of days in one call, in the order asked; a day with nothing booked is empty.
+    assert await store.usage_many([report, backend.key("usage:20260102"), backend.key("usage:20260103")]) == [
+        {
+            "chat|requests": 2.0,
+            "chat|prompt_tokens": 13.0,
+            "chat|completion_tokens": 5.0,
+            "chat|cost_usd": 0.75,
+        },
+        {},
+        {
+            "fast|requests": 1.0,
+            "fast|prompt_tokens": 1.0,
+            "fast|completion_tokens": 2.0,
+            "fast|cost_usd": 0.125,
+        },
+    ]
+    assert await store.usage_many([]) == []
 
 
 async def test_one_settlement_applies_every_step(backend: Backend) -> None:
@@ -274,7 +285,7 @@ async def test_a_replayed_settlement_is_booked_once() -> None:
         assert store.settle_soon(ops, failures.append, "id-1")
         await store.settled()
         assert await store.counter(usd) == pytest.approx(0.5)
-        assert (await store.usage(usage))["chat|requests"] == 1.0
+        assert (await store.usage_many([usage]))[0]["chat|requests"] == 1.0
         await store.settle(ops, "id-2")  # another request is booked as usual
         assert await store.counter(usd) == pytest.approx(1.0)
     finally:

@@ -189,9 +189,17 @@ class GatewayGraphQLView(GraphQLView[dict[str, Any], None]):
         params = context.get("connection_params")
         headers = CIMultiDict(context["request"].headers)
         if isinstance(params, dict):
-            token = params.get("authorization") or params.get("Authorization")
-            if isinstance(token, str) and token:
-                headers["Authorization"] = token if " " in token else f"Bearer {token}"
+            given = [params[k] for k in params if isinstance(k, str) and k.lower() == "authorization"]
+            if len(given) > 1 or (given and not isinstance(given[0], str)):
+                raise ConnectionRejectionError  # SECURITY: one credential, stated once
+            if given and given[0]:
+                token = given[0]
+                # The payload's key is added beside the upgrade's headers, never over them: a
+                # different key in both is ambiguous and refused like a doubled header (gateway.auth).
+                headers.add("Authorization", token if " " in token else f"Bearer {token}")
+                if len(set(headers.getall("Authorization"))) == 1:
+                    del headers["Authorization"]
+                    headers["Authorization"] = token if " " in token else f"Bearer {token}"
         try:
             context["identity"], context["principal"] = await self.gw.auth.principal(
                 CIMultiDictProxy(headers)

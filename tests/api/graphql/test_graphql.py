@@ -498,3 +498,25 @@ async def test_leaving_during_admission_releases_the_parallel_slot(
         *(gql(gw, COMPLETE, {"messages": [{"role": "user", "content": f"q{i}"}]}) for i in range(2))
     )
     assert all("errors" not in r for r in results), results
+
+
+async def test_a_socket_naming_two_callers_is_refused(gw: RunningGateway) -> None:
+    url = gw.root.replace("http", "ws") + "/graphql"
+    async with aiohttp.ClientSession() as session:
+        for header_key, payload in (
+            (TEAM_B_KEY, {"authorization": f"Bearer {TEAM_KEY}"}),  # upgrade says B, payload says A
+            (None, {"authorization": f"Bearer {TEAM_KEY}", "Authorization": f"Bearer {TEAM_B_KEY}"}),
+        ):
+            headers = {"Authorization": f"Bearer {header_key}"} if header_key else {}
+            ws = await session.ws_connect(url, protocols=["graphql-transport-ws"], headers=headers)
+            await ws.send_json({"type": "connection_init", "payload": payload})
+            msg = await ws.receive(timeout=3)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and ws.close_code == 4403
+            await ws.close()
+        # The same key in both places is one caller.
+        ws = await session.ws_connect(
+            url, protocols=["graphql-transport-ws"], headers={"Authorization": f"Bearer {TEAM_KEY}"}
+        )
+        await ws.send_json({"type": "connection_init", "payload": {"authorization": f"Bearer {TEAM_KEY}"}})
+        assert (await ws.receive(timeout=3)).json()["type"] == "connection_ack"
+        await ws.close()
