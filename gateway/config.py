@@ -160,12 +160,19 @@ class CircuitBreakerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudgetConfig:
+    percent: float = 20.0  # retries in flight, as a share of requests in flight
+    min_concurrency: int = 3  # retries always allowed in flight, whatever the share
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingConfig:
     retries: int = 1
     backoff_seconds: float = 0.2
     max_backoff_seconds: float = 5.0
     retry_after_cap_seconds: float = 10.0
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     # A model whose every target's provider lacks its API key routes here instead (the demo default).
     unconfigured_provider: str | None = None
 

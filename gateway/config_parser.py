@@ -37,6 +37,7 @@ from gateway.config import (
     ProviderConfig,
     RateLimitingConfig,
     RedisConfig,
+    RetryBudgetConfig,
     RoutingConfig,
     ServerConfig,
     TargetConfig,
@@ -392,8 +393,14 @@ def _routing(r: _Reader, provider_names: set[str]) -> RoutingConfig:
         "max_backoff_seconds",
         "retry_after_cap_seconds",
         "circuit_breaker",
+        "retry_budget",
         "unconfigured_provider",
     )
+    rb = r.child("retry_budget")
+    rb.known("percent", "min_concurrency")
+    budget = RetryBudgetConfig(rb.get("percent", float, 20.0), rb.get("min_concurrency", int, 3))
+    if budget.percent > 100:
+        rb.problem("percent", "must be at most 100")
     cb = r.child("circuit_breaker")
     cb.known("failures", "cooldown_seconds")
     breaker = CircuitBreakerConfig(cb.get("failures", int, 5), cb.get("cooldown_seconds", float, 30.0))
@@ -407,6 +414,7 @@ def _routing(r: _Reader, provider_names: set[str]) -> RoutingConfig:
         max_backoff_seconds=r.get("max_backoff_seconds", float, 5.0),
         retry_after_cap_seconds=r.get("retry_after_cap_seconds", float, 10.0),
         circuit_breaker=breaker,
+        retry_budget=budget,
         unconfigured_provider=fallback,
     )
 

@@ -138,6 +138,22 @@ def _ignore(provider: str, ok: bool, latency: float | None = None) -> None:
     return None
 
 
+class RetryBudget:
+    """Envoy's retry budget: retries in flight stay under ``percent`` % of the requests in flight, or
+    ``min_concurrency``, whichever is larger — so an upstream that fails everything gets at most
+    that much more traffic, not (1 + retries) times it."""
+
+    __slots__ = ("min_concurrency", "ratio", "requests", "retries")
+
+    def __init__(self, percent: float, min_concurrency: int) -> None:
+        self.ratio, self.min_concurrency = percent / 100, min_concurrency
+        self.requests = 0  # in flight through the router
+        self.retries = 0  # retries in flight (from their backoff to their answer)
+
+    def allow(self) -> bool:
+        return self.retries < max(self.min_concurrency, self.ratio * self.requests)
+
+
 class Router:
     def __init__(
         self,
@@ -147,6 +163,8 @@ class Router:
         upstream: UpstreamLimits | None = None,
     ) -> None:
         self.settings: RoutingConfig = config.routing
+        budget = config.routing.retry_budget
+        self.budget = RetryBudget(budget.percent, budget.min_concurrency)
         self.upstream = upstream
         self.observe = observe  # live traffic feeds provider health
         cb = config.routing.circuit_breaker
@@ -190,6 +208,13 @@ class Router:
         return base * (0.5 + random.random() / 2)  # jitter: 50-100 % of the exponential step
 
     async def run(self, ctx: RequestContext, attempt: Callable[[Target], Awaitable[T]]) -> T:
+        self.budget.requests += 1
+        try:
+            return await self._run(ctx, attempt)
+        finally:
+            self.budget.requests -= 1
+
+    async def _run(self, ctx: RequestContext, attempt: Callable[[Target], Awaitable[T]]) -> T:
         route = self.routes[ctx.model.name]
         last: AttemptFailed | None = None
         limited: UpstreamLimited | None = None
@@ -211,6 +236,13 @@ class Router:
             ctx.provider, ctx.upstream_model = target.provider.name, target.model
             for n in range(self.settings.retries + 1):
                 held: Held | None = None
+                if n:
+                    if not self.budget.allow():
+                        # Retries beyond the budget would multiply the load on a failing upstream:
+                        # fall back to the next target instead.
+                        _upstream_outcome(target, "retry_budget")
+                        break
+                    self.budget.retries += 1
                 try:
                     if n:
                         await asyncio.sleep(self.backoff(n - 1, last.retry_after if last else None))
@@ -233,7 +265,11 @@ class Router:
                     ctx.upstream_held = held
                 ctx.attempts += 1
                 try:
-                    result = await attempt(target)
+                    try:
+                        result = await attempt(target)
+                    finally:
+                        if n:
+                            self.budget.retries -= 1
                 except AttemptFailed as failure:
                     last = failure
                     if failure.outcome == "status_429":

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.routing import CircuitBreaker
-from tests.conftest import PROVIDER_KEY, RunningGateway, Upstream
+from tests.conftest import PROVIDER_KEY, RunningGateway, Upstream, base_config
 
 SECOND_KEY = "sk-second-provider-secret-fedcba9876543210"
 ECHO_KEY = "echo-provider-key-5c1e9b2a7d"  # likewise: only the configured-secret list can mask it
@@ -671,3 +671,34 @@ def test_a_circuit_is_rate_limited_only_if_every_failure_of_its_run_was_a_429() 
     assert mixed.allow()
     mixed.failure()  # the next trial fails with an error: broken again
     assert not mixed.throttled
+
+
+async def test_the_retry_budget_bounds_the_load_on_a_failing_upstream(upstream, make_gateway) -> None:
+    """Issue #12: with retries on, an upstream that fails everything must not get (1 + retries)x the
+    traffic. 40 concurrent requests, 3 retries each: without a budget 160 calls; with 20 % far fewer."""
+    cfg = base_config(upstream.url)
+    cfg["models"][0]["targets"][0]["model"] = "mock-chat:status=500"
+    cfg["routing"] = {
+        "retries": 3,
+        "backoff_seconds": 0.05,
+        "circuit_breaker": {"failures": 100_000},
+        "retry_budget": {"percent": 20, "min_concurrency": 2},
+    }
+    gw = await make_gateway(cfg)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> int:
+            async with session.post(gw.url + "/chat/completions", json=body) as r:
+                await r.read()
+                return r.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(40)))
+    assert statuses == [502] * 40
+    calls = upstream.state.calls("mock-chat")
+    assert 40 < calls <= 40 * 1.3, calls  # some retries, within the budget
+    # Light traffic still retries: one request alone gets all its attempts (the floor).
+    before = upstream.state.calls("mock-chat")
+    async with aiohttp.ClientSession() as session, session.post(gw.url + "/chat/completions", json=body) as r:
+        assert r.status == 502
+    assert upstream.state.calls("mock-chat") - before == 4
