@@ -51,6 +51,11 @@ class QuotaPlugin:
         # rather than adding one, so this holds one entry per team and key.
         self._plans: dict[tuple[str, str | None], _Plan] = {}
 
+    @property
+    def plan_count(self) -> int:
+        """How many budget plans are held (one per team and key: bounded by them, not by time)."""
+        return len(self._plans)
+
     def _plan(self, ctx: RequestContext) -> _Plan | None:
         """The budget keys of the caller's team (and key) for the current windows, built once per
         (team, key, day) — the day changes the key names, a replaced team or key gets a new plan."""

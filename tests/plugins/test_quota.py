@@ -3,6 +3,7 @@ the calendar windows they reset on."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -182,3 +183,23 @@ def test_window_ids_change_exactly_at_utc_midnight() -> None:
     assert (before[0], before[1]) == ("20251231", "202512")
     assert (after[0], after[1]) == ("20260101", "202601")
     assert before[2] == pytest.approx(1e-6)
+
+
+async def test_budget_plans_stay_one_per_team_as_runtime_teams_are_re_read(upstream, make_gateway) -> None:
+    """Issue #12 item 10: a runtime team is re-read from the store every second as a new object; each
+    used to add a budget plan, so memory grew with uptime. Now there is one plan per team and key."""
+    from plugins.quota import QuotaPlugin
+    from tests.conftest import MASTER_KEY, tenancy_config
+
+    gw = await make_gateway(tenancy_config(upstream.url, redis=False))
+    status, _ = await gw.http("POST", "/admin/teams", MASTER_KEY, {"id": "rt", "budgets": {"daily_usd": 5}})
+    assert status == 201
+    status, made = await gw.http("POST", "/admin/keys", MASTER_KEY, {"team": "rt"})
+    assert status == 201
+    quota = next(p for p in gw.gateway.pipeline.plugins if isinstance(p, QuotaPlugin))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        status, _ = await gw.http("POST", "/v1/chat/completions", made["key"], body)
+        assert status == 200
+        await asyncio.sleep(1.05)  # past the team cache: the next request re-reads the team
+    assert quota.plan_count == 1
