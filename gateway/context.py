@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,8 @@ class Usage:
         if cached is None:  # DeepSeek reports prompt cache hits under its own name
             cached = usage.get("prompt_cache_hit_tokens")
         cost = usage.get("cost")
+        if not (isinstance(cost, int | float) and not isinstance(cost, bool) and 0 <= cost < math.inf):
+            cost = None  # a negative or non-finite figure is no figure: the price table applies
         return cls(
             prompt_tokens=_int(usage.get("prompt_tokens")),
             completion_tokens=_int(usage.get("completion_tokens")),
@@ -45,7 +48,8 @@ class Usage:
 
 
 def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+    # Bounded: no upstream answer is a trillion tokens, and a huge figure must not lock a budget.
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**12 else 0
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ orjson refused, so the usual path costs nothing extra.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -20,7 +21,20 @@ def loads(data: bytes | str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)  # raises json.JSONDecodeError (a ValueError) when really invalid
+        # Only what orjson refuses but JSON allows: NaN/Infinity (not JSON) and numbers that overflow
+        # to infinity are still refused, so no non-finite figure reaches usage or cost.
+        return json.loads(data, parse_constant=_refuse, parse_float=_finite)
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number out of range")
+    return value
 
 
 def dumps(obj: Any) -> bytes:

@@ -55,6 +55,10 @@ from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable
 log = structlog.get_logger("gateway")
 
 
+# A body must move on by this much per body_timeout_seconds (1 KiB per 30 s by default).
+BODY_MIN_PROGRESS = 1024
+
+
 class RequestBodyTimeout(TimeoutError):
     """Raised by a request body's reader when the body did not arrive in time (the edge: 408).
 
@@ -189,7 +193,7 @@ class GatewayProtocol(RequestHandler):
         self._last_payload = payload
         if not payload.is_eof():
             self._body_timer = self._loop.call_later(
-                self._gateway.settings.body_timeout_seconds, self._body_expired, payload
+                self._gateway.settings.body_timeout_seconds, self._body_expired, payload, 0
             )
             payload.on_eof(self._body_arrived)
 
@@ -202,12 +206,19 @@ class GatewayProtocol(RequestHandler):
             self._body_timer.cancel()
             self._body_timer = None
 
-    def _body_expired(self, payload: StreamReader) -> None:
+    def _body_expired(self, payload: StreamReader, seen: int) -> None:
+        """Each ``body_timeout_seconds`` the body must have moved on by ``BODY_MIN_PROGRESS`` bytes: a
+        slow but real upload (a large image over a poor uplink) continues; a trickle of a byte a
+        second does not (nginx's client_body_timeout, with a minimum rate)."""
         self._body_timer = None
         if payload.is_eof() or payload.exception() is not None:
             return
         seconds = self._gateway.settings.body_timeout_seconds
-        payload.set_exception(RequestBodyTimeout(f"the request body did not arrive within {seconds:g} s"))
+        received = payload.total_bytes
+        if received - seen >= BODY_MIN_PROGRESS:
+            self._body_timer = self._loop.call_later(seconds, self._body_expired, payload, received)
+            return
+        payload.set_exception(RequestBodyTimeout(f"the request body stalled for {seconds:g} s"))
 
     def _cancel_timers(self) -> None:
         for timer in (self._head_timer, self._body_timer):

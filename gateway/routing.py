@@ -256,10 +256,14 @@ class Router:
                     if limited is None or refusal.retry_after < limited.retry_after:
                         limited = refusal
                     _upstream_outcome(target, "gateway_limited")
+                    if n:
+                        self.budget.retries -= 1
                     break
                 except BaseException:
                     if trial:  # cancelled, or the store refused: no verdict either
                         target.breaker.release()
+                    if n:  # (cancelled in the backoff, or the store refused): the retry is over
+                        self.budget.retries -= 1
                     raise
                 if held is not None:
                     ctx.upstream_held = held

@@ -156,12 +156,11 @@ class SSEScanner:
 
 
 def _carries_content(choice: Any) -> bool:
-    """Whether a stream choice says anything besides an empty delta (text, a tool call, a finish)."""
+    """Whether a stream choice says anything besides an empty delta (a role, text, a tool call, a
+    finish): the first chunk of some upstreams carries the role together with usage."""
     if not isinstance(choice, dict):
         return False
     if choice.get("finish_reason") is not None or choice.get("logprobs"):
         return True
     delta = choice.get("delta")
-    return isinstance(delta, dict) and any(
-        v not in (None, "", [], {}) for k, v in delta.items() if k != "role"
-    )
+    return isinstance(delta, dict) and any(v not in (None, "", [], {}) for v in delta.values())

@@ -57,10 +57,11 @@ STEERING_FIELDS = frozenset(
         "fallbacks",
         "context_window_fallback_dict",
         "user_config",
+        "tags",  # LiteLLM tag-based routing picks between deployments (a free or a paid tier)
     }
 )
 # Containers that may go upstream (metadata is OpenAI's own field) and are searched for the names above.
-NESTED = frozenset({"extra_body", "metadata"})
+NESTED = frozenset({"extra_body", "metadata", "litellm_metadata"})
 MAX_NESTING = 8  # containers inside containers searched; deeper ones are dropped (no RecursionError)
 
 

@@ -27,3 +27,17 @@ def test_long_runs_without_spaces_are_never_overestimated() -> None:
     # 10,000 characters that real tokenizers may pack into few tokens: one word, so it always fits.
     assert fits_window(chat("=" * 10_000), 10)
     assert fits_window(chat("日本語のテキスト" * 500), 10)
+
+
+def test_non_finite_or_negative_upstream_figures_are_no_figures() -> None:
+    import pytest
+
+    from gateway import jsonx
+    from gateway.context import Usage
+
+    for text in ('{"cost": NaN}', '{"cost": Infinity}', '{"cost": 1e400}'):
+        with pytest.raises(ValueError):
+            jsonx.loads(text)
+    usage = Usage.from_json({"prompt_tokens": 10**15, "completion_tokens": 5, "cost": -1.0})
+    assert usage is not None and usage.cost_usd is None and usage.prompt_tokens == 0
+    assert jsonx.loads('{"text": "\\ud800"}') == {"text": "\ud800"}  # what orjson refuses but JSON allows

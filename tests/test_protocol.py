@@ -157,7 +157,7 @@ async def test_a_body_sent_a_byte_at_a_time_gets_408_and_the_connection_closes(
         assert headers["content-type"].startswith("application/json")
         error = orjson.loads(body)["error"]
         assert (error["type"], error["code"]) == (error_type, "request_timeout")
-        assert error["message"] == "the request body did not arrive within 0.5 s"
+        assert error["message"] == "the request body stalled for 0.5 s"
         assert await closed_by_server(reader, within=3) == b""
 
 
@@ -176,6 +176,27 @@ async def test_a_body_that_arrives_in_parts_within_the_body_timeout_is_served(
     # the connection stays usable past the deadline: it ended with the body
     await asyncio.sleep(0.8)
     assert (await request(streams))[0] == 200
+    writer.close()
+
+
+async def test_a_slow_but_real_upload_outlives_the_body_timeout(
+    upstream: Upstream, make_gateway: MakeGateway
+) -> None:
+    """A large body over a poor uplink keeps moving (≥ 1 KiB per body_timeout_seconds): it is served,
+    though it takes several timeouts to arrive."""
+    gw = await make_gateway(server(upstream, body_timeout_seconds=0.5))
+    body = orjson.dumps({"model": "chat", "messages": [{"role": "user", "content": "x" * 12_000}]})
+    head = CHAT_HEAD.replace(f"Content-Length: {len(CHAT)}".encode(), f"Content-Length: {len(body)}".encode())
+    assert head != CHAT_HEAD
+    streams = _, writer = await connect(gw)
+    writer.write(head)
+    started = time.monotonic()
+    for i in range(0, len(body) - 2000, 2000):  # 2 KB every 0.3 s: ~1.8 s in all
+        writer.write(body[i : i + 2000])
+        await asyncio.sleep(0.3)
+    status, _, answer = await request(streams, body[i + 2000 :])
+    assert time.monotonic() - started > 1.0
+    assert status == 200, answer
     writer.close()
 
 

@@ -8,6 +8,7 @@ otherwise), each provider with its own key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import time
@@ -702,3 +703,30 @@ async def test_the_retry_budget_bounds_the_load_on_a_failing_upstream(upstream, 
     async with aiohttp.ClientSession() as session, session.post(gw.url + "/chat/completions", json=body) as r:
         assert r.status == 502
     assert upstream.state.calls("mock-chat") - before == 4
+
+
+async def test_retries_cancelled_in_their_backoff_give_their_budget_back(upstream, make_gateway) -> None:
+    cfg = base_config(upstream.url)
+    cfg["models"][0]["targets"][0]["model"] = "mock-chat:status=500"
+    cfg["routing"] = {
+        "retries": 1,
+        "backoff_seconds": 0.6,
+        "circuit_breaker": {"failures": 100_000},
+        "retry_budget": {"percent": 20, "min_concurrency": 3},
+    }
+    gw = await make_gateway(cfg)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    timeout = aiohttp.ClientTimeout(total=0.3)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def leave_in_the_backoff() -> None:
+            with contextlib.suppress(TimeoutError):
+                async with session.post(gw.url + "/chat/completions", json=body) as r:
+                    await r.read()
+
+        await asyncio.gather(*(leave_in_the_backoff() for _ in range(5)))
+    await asyncio.sleep(0.1)
+    before = upstream.state.calls("mock-chat")
+    async with aiohttp.ClientSession() as session, session.post(gw.url + "/chat/completions", json=body) as r:
+        assert r.status == 502
+    assert upstream.state.calls("mock-chat") - before == 2  # the retry was still allowed

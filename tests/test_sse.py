@@ -252,3 +252,14 @@ def test_done_is_read_the_same_way_on_every_path(stream: bytes, done: bool) -> N
         split.feed(stream[i : i + 1])
     assert (whole.done, split.done) == (done, done)
     assert whole.data_events == split.data_events
+
+
+def test_a_role_chunk_carrying_usage_keeps_its_role() -> None:
+    first = (
+        b'data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant"}}],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":0,"total_tokens":3}}\n\n'
+    )
+    scanner = SSEScanner(strip_usage=True)
+    out = run(scanner, [first + TEXT + FINISH + DONE])
+    role = b'data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
+    assert out == role + TEXT + FINISH + DONE

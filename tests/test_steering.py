@@ -48,6 +48,7 @@ STEERING = {
     "fallbacks": [{"chat": ["gpt-4o"]}],
     "context_window_fallback_dict": {"chat": "gpt-4o"},
     "user_config": {"model_list": [{"model_name": "x", "litellm_params": {"model": "gpt-4o"}}]},
+    "tags": ["paid-tier"],
 }
 # Everything else a client may send, with values JSON encoders like to get wrong.
 KEPT = {
