@@ -28,13 +28,19 @@ def new_settle_id() -> str:
     return f"{_SETTLE_PREFIX}{next(_settle_ids):x}.{int(time.time()) // 60}"
 
 
-class StoreUnavailable(Exception):
+class StoreError(Exception):
+    """Something went wrong with the state store (one of the two below)."""
+
+
+class StoreUnavailable(StoreError):
     """The backing store cannot be reached; callers apply their fail-open/closed policy."""
 
 
-class StoreScriptError(StoreUnavailable):
+class StoreScriptError(StoreError):
     """The store answered with an error for this call (a bad argument, a script bug): retrying
-    the same call cannot help, so settlement logs and drops it instead of queueing it for replay."""
+    the same call cannot help, so settlement logs and drops it instead of queueing it for replay.
+    Not a kind of ``StoreUnavailable``: a refused admission script is the gateway's bug, answered
+    500, never the fail-open path that would admit requests without their limits."""
 
 
 @dataclass(slots=True)

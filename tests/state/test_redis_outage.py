@@ -445,3 +445,37 @@ async def test_a_runtime_key_is_served_from_memory_only_for_a_bounded_time_durin
     status, _, body = await chat(gw, made["key"])
     assert status == 503 and body["error"]["code"] == "state_store_unavailable"
     assert (await chat(gw, TEAM_KEY))[0] == 200  # config keys need no lookup
+
+
+async def test_a_refused_admission_script_is_an_error_not_the_fail_open_path() -> None:
+    """A script Redis refuses (a bug, a bad argument) must not admit requests without their limits:
+    only an unreachable store takes the fail-open path (issue #13: StoreScriptError was a kind of
+    StoreUnavailable)."""
+    import hiredis
+
+    from gateway.pipeline import Limiter
+    from gateway.state.base import Check, StoreScriptError
+    from gateway.state.redis import RedisStore
+
+    async def refusing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        commands = hiredis.Reader()
+        try:
+            while data := await reader.read(65536):
+                commands.feed(data)
+                while commands.gets() is not False:
+                    writer.write(b"-ERR user_script:1: Script attempted to access nonexistent global\r\n")
+        finally:
+            writer.transport.abort()
+
+    server = await asyncio.start_server(refusing, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", "t", timeout=0.5)
+    limiter = Limiter(store, fail_open_limits=True)
+    try:
+        with pytest.raises(StoreScriptError):
+            await limiter.take([Check("bucket", "t:{team}:rpm", 1, "rpm", rate=1 / 60, cost=1)])
+    finally:
+        limiter.close()
+        await store.close()
+        server.close()
+        await server.wait_closed()
