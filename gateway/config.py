@@ -190,6 +190,8 @@ class ServerConfig:
     body_timeout_seconds: float = 30.0
     keepalive_timeout_seconds: float = 75.0
     max_connections: int = 10_000  # open client connections; more are answered 503 and closed
+    # Browser front-ends on these origins may call the API (CORS); empty: no CORS headers at all.
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -570,8 +570,15 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         "body_timeout_seconds",
         "keepalive_timeout_seconds",
         "max_connections",
+        "cors_origins",
     )
     sd = ServerConfig()
+    origins = s.strings("cors_origins") or ()
+    for origin in origins:
+        # SECURITY: exact origins only (scheme://host[:port]); "*" would let any site use a key a
+        # browser holds, and a path or trailing slash never matches a browser's Origin header.
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?", origin):
+            s.problem("cors_origins", f"{origin!r} is not an origin like https://app.example.com")
     server = ServerConfig(
         host=s.get("host", str, sd.host),
         port=s.get("port", int, sd.port),
@@ -581,6 +588,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
         body_timeout_seconds=s.get("body_timeout_seconds", float, sd.body_timeout_seconds),
         keepalive_timeout_seconds=s.get("keepalive_timeout_seconds", float, sd.keepalive_timeout_seconds),
         max_connections=s.get("max_connections", int, sd.max_connections),
+        cors_origins=tuple(origins),
     )
     if not 0 <= server.port <= 65535:
         s.problem("port", "must be between 0 and 65535")

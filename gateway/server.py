@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 import plugins
-from gateway import metrics, outcome
+from gateway import cors, metrics, outcome
 from gateway.api import admin, health, native, openai, openapi, usage
 from gateway.api.graphql import view as graphql
 from gateway.api.openai import gateway_headers
@@ -50,6 +50,7 @@ from gateway.upstream_limits import UpstreamLimits
 
 log = structlog.get_logger("gateway")
 
+CORS_ORIGINS = web.AppKey("cors_origins", frozenset)
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LOGGED = ("/v1/", "/admin/", "/api/")
 # Model requests: counted in llm_gateway_requests_total even when refused before routing.
@@ -78,6 +79,10 @@ def _error_response(request: web.Request, rid: str, exc: GatewayError) -> web.Re
 
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        origins = request.app[CORS_ORIGINS]
+        if origins and (answer := cors.preflight(request, origins)) is not None:
+            return answer
     rid = request.headers.get("x-request-id")
     if rid is None or not _REQUEST_ID_OK.fullmatch(rid):
         rid = new_request_id()
@@ -283,6 +288,9 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
     )
     # The body limit is enforced by read_json with a clear 413; aiohttp's own cap sits just above it.
     app = web.Application(client_max_size=config.server.max_body_bytes + 1, middlewares=[edge])
+    app[CORS_ORIGINS] = frozenset(config.server.cors_origins)
+    if config.server.cors_origins:
+        cors.add_signal(app, app[CORS_ORIGINS])
     app[GATEWAY] = gw
     app.cleanup_ctx.extend(
         (_store, _pipeline, _authenticator, _builtin_mock, _provider_sessions, _probes, _capabilities)
