@@ -58,6 +58,12 @@ class Identity:
         return True
 
 
+def tenant(identity: Identity | None) -> str:
+    """Whose streams, tickets and counters these are: the caller's team, or one shared anonymous
+    tenant when the gateway runs without auth (or for an admin without a team)."""
+    return identity.team.id if identity is not None and identity.team is not None else "_anonymous"
+
+
 def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
     """The key in ``Authorization: Bearer KEY`` or ``x-api-key: KEY``; None when there is none.
 

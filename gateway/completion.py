@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway.accounting import fits_window
+from gateway.auth import Identity
 from gateway.context import UNKNOWN_MODEL, RequestContext
 from gateway.errors import CONTEXT_LENGTH_EXCEEDED, InvalidRequest, NotFound, PassThroughError
 from gateway.relay import OpenStream, Unary, stream_attempt, unary_attempt
@@ -114,8 +115,26 @@ async def stream(gw: Gateway, ctx: RequestContext) -> OpenStream:
     return await _route(gw, ctx, lambda target: stream_attempt(ctx, target))
 
 
-def allowed_models(gw: Gateway, allows: Callable[[str], bool] | None) -> list[str]:
-    """Models with a route the caller may use (``allows`` None: every model, no auth)."""
+def allowed_models(gw: Gateway, identity: Identity | None) -> list[str]:
+    """Models with a route the caller may use: every one without auth (``identity`` None) or for an
+    admin without a team; else those its team and key allow."""
+    allows = identity.allows if identity is not None and identity.team is not None else None
     return [
         name for name, route in gw.router.routes.items() if route.targets and (allows is None or allows(name))
     ]
+
+
+def served(gw: Gateway, models: list[str]) -> dict[str, list[str]]:
+    """Provider name -> the models (of ``models``) routed to it, in config order."""
+    by_provider: dict[str, list[str]] = {}
+    for name in models:
+        for target in gw.router.routes[name].targets:
+            names = by_provider.setdefault(target.provider.name, [])
+            if name not in names:
+                names.append(name)
+    return by_provider
+
+
+def model_providers(gw: Gateway, name: str) -> list[str]:
+    """The providers a model routes to, in target order, each once."""
+    return list(dict.fromkeys(t.provider.name for t in gw.router.routes[name].targets))

@@ -419,12 +419,15 @@ def _routing(r: _Reader, provider_names: set[str]) -> RoutingConfig:
     )
 
 
+def _scalars(r: _Reader, defaults: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """Each named field of a config section, read with the type and default of ``defaults``'s field:
+    a key is named once, in its dataclass."""
+    return {name: r.get(name, type(getattr(defaults, name)), getattr(defaults, name)) for name in names}
+
+
 def _graphql(r: _Reader) -> GraphQLConfig:
-    d = GraphQLConfig()
     r.known(*GraphQLConfig.__slots__)
-    config = GraphQLConfig(
-        **{name: r.get(name, type(getattr(d, name)), getattr(d, name)) for name in GraphQLConfig.__slots__}
-    )
+    config = GraphQLConfig(**_scalars(r, GraphQLConfig(), GraphQLConfig.__slots__))
     for name in GraphQLConfig.__slots__:
         value = getattr(config, name)
         if not isinstance(value, bool) and value <= 0:
@@ -561,35 +564,15 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
     )
 
     s = root.child("server")
-    s.known(
-        "host",
-        "port",
-        "max_body_bytes",
-        "shutdown_grace_seconds",
-        "head_timeout_seconds",
-        "body_timeout_seconds",
-        "keepalive_timeout_seconds",
-        "max_connections",
-        "cors_origins",
-    )
-    sd = ServerConfig()
+    s.known(*ServerConfig.__slots__)
     origins = s.strings("cors_origins") or ()
     for origin in origins:
         # SECURITY: exact origins only (scheme://host[:port]); "*" would let any site use a key a
         # browser holds, and a path or trailing slash never matches a browser's Origin header.
         if not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?", origin):
             s.problem("cors_origins", f"{origin!r} is not an origin like https://app.example.com")
-    server = ServerConfig(
-        host=s.get("host", str, sd.host),
-        port=s.get("port", int, sd.port),
-        max_body_bytes=s.get("max_body_bytes", int, sd.max_body_bytes),
-        shutdown_grace_seconds=s.get("shutdown_grace_seconds", float, sd.shutdown_grace_seconds),
-        head_timeout_seconds=s.get("head_timeout_seconds", float, sd.head_timeout_seconds),
-        body_timeout_seconds=s.get("body_timeout_seconds", float, sd.body_timeout_seconds),
-        keepalive_timeout_seconds=s.get("keepalive_timeout_seconds", float, sd.keepalive_timeout_seconds),
-        max_connections=s.get("max_connections", int, sd.max_connections),
-        cors_origins=tuple(origins),
-    )
+    scalars = tuple(name for name in ServerConfig.__slots__ if name != "cors_origins")
+    server = ServerConfig(**_scalars(s, ServerConfig(), scalars), cors_origins=tuple(origins))
     if not 0 <= server.port <= 65535:
         s.problem("port", "must be between 0 and 65535")
     for name in ("head_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):

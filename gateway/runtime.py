@@ -37,6 +37,11 @@ class Gateway:
     mock_url: str | None = field(default=None)
 
     @property
+    def prefix(self) -> str:
+        """The namespace of every state-store key (``redis.prefix``)."""
+        return self.config.redis.prefix if self.config.redis else "llmgw"
+
+    @property
     def authenticates(self) -> bool:
         return "auth" in self.config.plugins
 

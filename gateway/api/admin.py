@@ -223,7 +223,7 @@ async def delete_key(request: web.Request) -> web.Response:
 async def clear_cache(request: web.Request) -> web.Response:
     """Drop cached answers: all, or one team's (``?team=``), or one model's (``?model=``), or both."""
     gw = await require_admin(request)
-    prefix = gw.config.redis.prefix if gw.config.redis else "llmgw"
+    prefix = gw.prefix
     team = request.query.get("team")
     model = request.query.get("model")
     pattern = f"{prefix}:cache:{glob_escape(team) if team else '*'}:{glob_escape(model) if model else '*'}:*"

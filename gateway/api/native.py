@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -26,9 +25,9 @@ from multidict import CIMultiDictProxy
 
 from gateway import completion as core
 from gateway import jsonx
-from gateway.api.health import detailed
+from gateway.api.health import detailed, provider_status
 from gateway.api.openai import gateway_headers, read_json
-from gateway.auth import Identity
+from gateway.auth import Identity, tenant
 from gateway.context import RequestContext
 from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied, RateLimited
 from gateway.formats import native
@@ -55,10 +54,6 @@ async def _caller(gw: Gateway, request: web.Request) -> Identity | None:
     return await gw.auth.identify(request.headers) if gw.authenticates else None
 
 
-def _allows(identity: Identity | None) -> Callable[[str], bool] | None:
-    return identity.allows if identity is not None and identity.team is not None else None
-
-
 async def prepare(
     gw: Gateway,
     request_id: str,
@@ -73,7 +68,7 @@ async def prepare(
     if model is None:
         if identity is None and gw.authenticates:
             identity = await gw.auth.identify(headers)
-        model = gw.catalog.select(requirements, core.allowed_models(gw, _allows(identity)), chat)
+        model = gw.catalog.select(requirements, core.allowed_models(gw, identity), chat)
     chat["model"] = model
     ctx = core.make_context(gw, request_id, headers, chat, size, "chat")
     if model != (body.get("options") or {}).get("model"):
@@ -157,8 +152,7 @@ async def _stream(
 
 # -- EventSource tickets ------------------------------------------------------------------------
 def _ticket_key(gw: Gateway, ticket: str) -> str:
-    prefix = gw.config.redis.prefix if gw.config.redis else "llmgw"
-    return f"{prefix}:ticket:{hashlib.sha256(ticket.encode()).hexdigest()}"
+    return f"{gw.prefix}:ticket:{hashlib.sha256(ticket.encode()).hexdigest()}"
 
 
 async def create_ticket(request: web.Request) -> web.Response:
@@ -184,7 +178,7 @@ async def create_ticket(request: web.Request) -> web.Response:
             raise PermissionDenied(
                 f"your team may not use the model {model!r}", param="model", code="model_not_allowed"
             )
-    await _take_ticket_quota(gw, identity.team.id if identity and identity.team else "_anonymous")
+    await _take_ticket_quota(gw, tenant(identity))
     ticket = secrets.token_urlsafe(32)
     record = orjson.dumps({"body": body, "principal": principal})
     await gw.cache.set(_ticket_key(gw, ticket), record, TICKET_TTL)
@@ -195,10 +189,9 @@ async def create_ticket(request: web.Request) -> web.Response:
 
 
 async def _take_ticket_quota(gw: Gateway, team: str) -> None:
-    prefix = gw.config.redis.prefix if gw.config.redis else "llmgw"
     check = Check(
         "bucket",
-        f"{prefix}:{{{team}}}:tickets",
+        f"{gw.prefix}:{{{team}}}:tickets",
         TICKETS_PER_MINUTE,
         "rpm",
         rate=TICKETS_PER_MINUTE / 60,
@@ -232,33 +225,14 @@ async def ticket_stream(request: web.Request) -> web.StreamResponse:
 
 
 # -- providers and models -----------------------------------------------------------------------
-def _provider_status(gw: Gateway, name: str) -> str:
-    targets = [t for r in gw.router.routes.values() for t in r.targets if t.provider.name == name]
-    if targets and all(t.breaker.is_open for t in targets):
-        return "down"
-    health = gw.prober.provider_health.get(name)
-    return health.status if health is not None else "unknown"
-
-
-def _served(gw: Gateway, models: list[str]) -> dict[str, list[str]]:
-    """Provider name -> the models (of ``models``) routed to it, in config order."""
-    served: dict[str, list[str]] = {}
-    for name in models:
-        for target in gw.router.routes[name].targets:
-            names = served.setdefault(target.provider.name, [])
-            if name not in names:
-                names.append(name)
-    return served
-
-
 async def list_providers(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    served = _served(gw, core.allowed_models(gw, _allows(await _caller(gw, request))))
+    served = core.served(gw, core.allowed_models(gw, await _caller(gw, request)))
     providers = [
         {
             "name": name,
             "type": gw.providers[name].config.type,
-            "status": _provider_status(gw, name),
+            "status": provider_status(gw, name),
             "models": models,
         }
         for name, models in served.items()
@@ -269,7 +243,7 @@ async def list_providers(request: web.Request) -> web.Response:
 async def provider_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     name = request.match_info["provider"]
-    served = _served(gw, core.allowed_models(gw, _allows(await _caller(gw, request))))
+    served = core.served(gw, core.allowed_models(gw, await _caller(gw, request)))
     if name not in served:
         raise NotFound(f"unknown provider {name!r}", param="provider", code="provider_not_found")
     models = [{"name": m, "capabilities": gw.catalog.json[m]} for m in served[name]]
@@ -278,11 +252,11 @@ async def provider_models(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    allowed = core.allowed_models(gw, _allows(await _caller(gw, request)))
+    allowed = core.allowed_models(gw, await _caller(gw, request))
     models = [
         {
             "name": name,
-            "providers": list(dict.fromkeys(t.provider.name for t in gw.router.routes[name].targets)),
+            "providers": core.model_providers(gw, name),
             "capabilities": gw.catalog.json[name],
             "performance": gw.performance.report(name),
         }

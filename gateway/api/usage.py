@@ -75,7 +75,7 @@ async def usage(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"start must not be after end, and the range at most {MAX_DAYS} days", param="start"
         )
-    prefix = gw.config.redis.prefix if gw.config.redis else "llmgw"
+    prefix = gw.prefix
     await _take(request, prefix, team, admin=identity.admin)
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
     async with request.app[_READS]:

@@ -26,7 +26,7 @@ from gateway.api import native as native_api
 from gateway.api.graphql.guards import check_size
 from gateway.api.graphql.streams import PATH, CompletionStream, Delta, Done, Streams
 from gateway.api.health import provider_status
-from gateway.auth import Identity
+from gateway.auth import Identity, tenant
 from gateway.context import RequestContext
 from gateway.context import Usage as UsageCounts
 from gateway.errors import (
@@ -195,10 +195,6 @@ async def _identity(info: Info) -> Identity | None:
         raise graphql_error(error, context["request_id"]) from None
 
 
-def _allows(identity: Identity | None) -> Any:
-    return identity.allows if identity is not None and identity.team is not None else None
-
-
 def _native_body(messages: list[ChatMessageInput], options: CompletionOptionsInput | None) -> dict[str, Any]:
     body: dict[str, Any] = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
     if options is not None:
@@ -260,11 +256,6 @@ async def _finish(gw: Gateway, ctx: RequestContext, status: int) -> None:
         await asyncio.shield(settling)
 
 
-def _team_of(ctx: RequestContext) -> str:
-    identity = ctx.presented
-    return identity.team.id if identity is not None and identity.team is not None else "_anonymous"
-
-
 async def _complete(
     info: Info, messages: list[ChatMessageInput], options: CompletionOptionsInput | None
 ) -> CompletionResponse:
@@ -300,7 +291,7 @@ async def _open(
     ctx = await _prepare(info, messages, options)
     ctx.body["stream"] = ctx.stream = True
     ctx.added_include_usage = True
-    team = _team_of(ctx)
+    team = tenant(ctx.presented)
     try:
         streams.enter(team)  # before admission: a refusal here takes no rpm token
     except GatewayError as exc:
@@ -357,13 +348,7 @@ def _capabilities(gw: Gateway, name: str) -> ModelCapabilities:
 
 async def _served(info: Info) -> dict[str, list[str]]:
     gw = _gw(info)
-    served: dict[str, list[str]] = {}
-    for name in core.allowed_models(gw, _allows(await _identity(info))):
-        for target in gw.router.routes[name].targets:
-            models = served.setdefault(target.provider.name, [])
-            if name not in models:
-                models.append(name)
-    return served
+    return core.served(gw, core.allowed_models(gw, await _identity(info)))
 
 
 @strawberry.type
@@ -392,10 +377,10 @@ class Query:
         return [
             Model(
                 name=name,
-                providers=list(dict.fromkeys(t.provider.name for t in gw.router.routes[name].targets)),
+                providers=core.model_providers(gw, name),
                 capabilities=_capabilities(gw, name),
             )
-            for name in core.allowed_models(gw, _allows(await _identity(info)))
+            for name in core.allowed_models(gw, await _identity(info))
         ]
 
     @strawberry.field
@@ -447,7 +432,7 @@ async def _start(
 ) -> str:
     streams = _streams(info)
     identity = await _identity(info)
-    owner = identity.team.id if identity is not None and identity.team is not None else "_anonymous"
+    owner = tenant(identity)
     chosen = stream_id if stream_id is not None else outcome.new_request_id().replace("req_", "stream_")
     try:
         streams.reserve(owner, chosen)
@@ -481,7 +466,7 @@ async def _completion_events(info: Info, input: CompletionInput) -> AsyncGenerat
 
 async def _started_events(info: Info, stream_id: str) -> AsyncGenerator[StreamCompletionResponse, None]:
     identity = await _identity(info)
-    team = identity.team.id if identity is not None and identity.team is not None else "_anonymous"
+    team = tenant(identity)
     stream = _streams(info).take(team, stream_id)
     if stream is None:
         error = NotFound(f"no stream {stream_id!r} is waiting for this team", code="stream_not_found")
