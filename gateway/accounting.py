@@ -1,4 +1,6 @@
-"""Token estimates before a request, cost after it, and the calendar windows budgets use (UTC)."""
+"""Whether a request fits a context window, its cost after it, and the calendar windows budgets use (UTC).
+
+What a request reserves against token limits is ``gateway.limits.tokens``."""
 
 from __future__ import annotations
 
@@ -7,13 +9,7 @@ import time
 from typing import Any
 
 from gateway.config import Pricing
-from gateway.context import RequestContext, Usage
-
-
-def estimate_prompt_tokens(body_bytes: int) -> int:
-    # ~4 bytes per token of JSON body: an over-estimate (keys, quoting), which is the safe side
-    # for a reservation that is reconciled with the real usage afterwards.
-    return max(1, body_bytes // 4)
+from gateway.context import Usage
 
 
 def requested_output(body: dict[str, Any]) -> int:
@@ -50,20 +46,6 @@ def _texts(messages: Any) -> list[str]:
         elif isinstance(content, list):
             texts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return texts
-
-
-def reserve_tokens(ctx: RequestContext, tpm: int, default_max_tokens: int) -> int:
-    """Tokens a request reserves against a tokens-per-minute limit until its real usage is known:
-    the prompt estimate plus ``max_tokens`` — or, when absent, the default capped at half of what the
-    tightest ``tpm`` leaves after the prompt (a client that asked for nothing must not be refused as
-    too large, nor have each request hold the whole bucket)."""
-    body = ctx.body
-    prompt = estimate_prompt_tokens(ctx.body_size)
-    completion = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(completion, int) or isinstance(completion, bool):
-        default = 0 if ctx.endpoint == "embeddings" else default_max_tokens
-        completion = max(0, min(default, (tpm - prompt) // 2))
-    return prompt + completion
 
 
 def cost_usd(pricing: Pricing | None, usage: Usage) -> float:

@@ -32,7 +32,7 @@ from multidict import CIMultiDictProxy
 from gateway.config import Config, ConfigError, TeamConfig, hash_key
 from gateway.config_parser import parse_team
 from gateway.errors import AuthenticationFailed, ServiceUnavailable
-from gateway.state.base import KeyRecord, Store, StoreUnavailable
+from gateway.state.base import Directory, KeyRecord, StoreUnavailable
 
 CACHE_TTL = 1.0
 JWKS_TIMEOUT = 5.0  # seconds for a whole JWKS fetch
@@ -102,7 +102,7 @@ def _only(headers: CIMultiDictProxy[str], name: str) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Directory) -> None:
         self.store = store
         self.master_hash = config.master_key_hash
         self.model_names = {m.name for m in config.models}

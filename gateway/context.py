@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import ModelConfig
+from gateway.limits.state import LimitState
 
 if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
 
     from gateway.auth import Identity
-    from gateway.state.base import Check, Op
-    from gateway.upstream_limits import Held
 
 
 @dataclass(slots=True)
@@ -78,12 +77,7 @@ class RequestContext:
     identity: Identity | None = None
     team: str | None = None
     key_id: str | None = None
-    checks: list[Check] = field(default_factory=list)  # limits declared, taken in one store call
-    admitted: list[Check] = field(default_factory=list)  # limits taken: settled in finish
-    ops: list[Op] = field(default_factory=list)  # settlement steps plugins add in finish
-    reserved_tokens: int = 0
-    local_admission: bool = False  # limits were taken by the local fallback limiter
-    upstream_held: Held | None = None  # the serving attempt's upstream limits (gateway.upstream_limits)
+    limits: LimitState = field(default_factory=LimitState)  # declared, taken, to settle (gateway.limits)
     # ... and by the router / relay.
     provider: str | None = None
     upstream_model: str | None = None

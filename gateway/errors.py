@@ -12,6 +12,19 @@
     ├── UpstreamError                 502/503/504 upstream_error     (given)
     └── PassThroughError              the upstream's 4xx, normalised to OpenAI's shape
 
+Internal failures, never shown to a client as they are (the router turns them into the errors above):
+
+    AttemptFailed                     one upstream attempt failed: retry, or fall back to the next target
+    ├── UpstreamTimeout               no (first) byte in time
+    ├── UpstreamConnectError          the upstream could not be reached
+    ├── UpstreamStatus                an answer with a status that means "try elsewhere" (5xx, 3xx, 401…)
+    │   └── UpstreamThrottled         429
+    └── UpstreamBadAnswer             a 200 that is not an answer (``BadAnswer`` says how)
+    UpstreamLimited                   a target's gateway-wide limit is reached (gateway.limits.upstream)
+
+aiohttp's errors become ``AttemptFailed`` in ``gateway.relay``; the store's are translated to
+``gateway.state.base.StoreError`` in the store backends.
+
 Messages are written by the gateway and never contain secrets or upstream stack traces. The native
 API (``/api/v1``) shows the same errors in its own shape (``native_body``): same status and ``code``,
 with the platform's ``LLMErrorType``:
@@ -25,6 +38,7 @@ with the platform's ``LLMErrorType``:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum
 
 import orjson
 from aiohttp import web
@@ -117,6 +131,75 @@ class ServiceUnavailable(GatewayError):
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
+
+
+class Outcome(StrEnum):
+    """How one upstream attempt ended (the ``outcome`` label of ``llm_gateway_upstream_requests``;
+    an ``UpstreamStatus`` adds ``status_<code>``)."""
+
+    SUCCESS = "success"
+    CLIENT_ERROR = "client_error"  # the upstream refused the request itself (relayed 4xx)
+    RETRY_BUDGET = "retry_budget"  # a retry the retry budget did not allow
+    GATEWAY_LIMITED = "gateway_limited"  # skipped: the target's gateway-wide limit is reached
+    TIMEOUT = "timeout"
+    CONNECT_ERROR = "connect_error"
+
+
+class BadAnswer(StrEnum):
+    TOO_LARGE = "too_large"
+    NOT_JSON = "bad_response"
+    ERROR_IN_BODY = "body_error"
+    ERROR_EVENT = "stream_error"
+    EMPTY_STREAM = "empty_stream"
+
+
+class AttemptFailed(Exception):
+    """An attempt that may be retried or fallen back from (nothing reached the client yet)."""
+
+    outcome: str = "failed"  # a bounded metric label
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class UpstreamTimeout(AttemptFailed):
+    outcome = Outcome.TIMEOUT
+
+
+class UpstreamConnectError(AttemptFailed):
+    outcome = Outcome.CONNECT_ERROR
+
+
+class UpstreamStatus(AttemptFailed):
+    def __init__(self, status: int, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+        self.outcome = f"status_{status}"
+
+
+class UpstreamThrottled(UpstreamStatus):
+    """429: the upstream is rate-limiting (its circuit opens "throttled", the client may get a 429)."""
+
+
+class UpstreamBadAnswer(AttemptFailed):
+    def __init__(self, kind: BadAnswer, message: str) -> None:
+        super().__init__(message)
+        self.outcome = kind
+
+
+class UpstreamLimited(Exception):
+    """This target's own gateway-wide limit is reached; try the next one."""
+
+    def __init__(self, label: str, limit: float, retry_after: float, never: bool = False) -> None:
+        super().__init__(label)
+        self.label, self.limit, self.retry_after, self.never = label, limit, retry_after, never
+
+
+def upstream_status(status: int, message: str, retry_after: float | None) -> UpstreamStatus:
+    cls = UpstreamThrottled if status == 429 else UpstreamStatus
+    return cls(status, message, retry_after=retry_after)
 
 
 class PassThroughError(GatewayError):

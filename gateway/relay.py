@@ -25,10 +25,20 @@ import orjson
 from aiohttp import web
 
 from gateway import jsonx
-from gateway.accounting import estimate_prompt_tokens
 from gateway.context import RequestContext, Usage
-from gateway.errors import PassThroughError, normalize_upstream_error, sse_error_event
-from gateway.routing import AttemptFailed, Target
+from gateway.errors import (
+    AttemptFailed,
+    BadAnswer,
+    PassThroughError,
+    UpstreamBadAnswer,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    normalize_upstream_error,
+    sse_error_event,
+    upstream_status,
+)
+from gateway.limits.tokens import estimate_prompt_tokens
+from gateway.routing import Target
 from gateway.sse import SSEScanner
 from gateway.steering import stripped
 
@@ -155,15 +165,15 @@ async def _fail_on_status(target: Target, resp: aiohttp.ClientResponse) -> None:
             message = f"provider {target.provider.name} rejected the gateway's credentials (HTTP {status})"
         else:
             message = f"{target.provider.name} returned HTTP {status}"
-        raise AttemptFailed(f"status_{status}", message, retry_after=_retry_after(resp.headers))
+        raise upstream_status(status, message, _retry_after(resp.headers))
     body = await read_body(resp, 64 * 1024)
     raise PassThroughError(normalize_upstream_error(status, body), status=status)
 
 
 def _connection_failure(target: Target, exc: BaseException) -> AttemptFailed:
     if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
-        return AttemptFailed("timeout", f"connect to {target.provider.name} timed out", timeout=True)
-    return AttemptFailed("connect_error", f"cannot reach {target.provider.name} ({type(exc).__name__})")
+        return UpstreamTimeout(f"connect to {target.provider.name} timed out")
+    return UpstreamConnectError(f"cannot reach {target.provider.name} ({type(exc).__name__})")
 
 
 @dataclass(slots=True)
@@ -191,11 +201,7 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
             body = await read_body(resp, MAX_UPSTREAM_BODY)
     except asyncio.CancelledError:
         if wd.absorb():
-            raise AttemptFailed(
-                "timeout",
-                f"{target.provider.name}: no answer within {wd.expired} timeout",
-                timeout=True,
-            ) from None
+            raise UpstreamTimeout(f"{target.provider.name}: no answer within {wd.expired} timeout") from None
         raise
     except aiohttp.ClientError as exc:
         raise _connection_failure(target, exc) from None
@@ -204,16 +210,22 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
         if resp is not None:
             resp.release()
     if len(body) > MAX_UPSTREAM_BODY:
-        raise AttemptFailed("too_large", f"{target.provider.name} answer exceeds {MAX_UPSTREAM_BODY} bytes")
+        raise UpstreamBadAnswer(
+            BadAnswer.TOO_LARGE, f"{target.provider.name} answer exceeds {MAX_UPSTREAM_BODY} bytes"
+        )
     try:
         parsed = jsonx.loads(body)  # lenient: valid JSON that orjson refuses is still relayed as is
     except jsonx.DecodeError:
-        raise AttemptFailed("bad_response", f"{target.provider.name} returned a non-JSON body") from None
+        raise UpstreamBadAnswer(
+            BadAnswer.NOT_JSON, f"{target.provider.name} returned a non-JSON body"
+        ) from None
     if not isinstance(parsed, dict):
-        raise AttemptFailed("bad_response", f"{target.provider.name} returned a non-object body")
+        raise UpstreamBadAnswer(BadAnswer.NOT_JSON, f"{target.provider.name} returned a non-object body")
     if parsed.get("error") and "choices" not in parsed and "data" not in parsed:
         # OpenRouter can report an upstream failure inside a 200 body.
-        raise AttemptFailed("body_error", f"{target.provider.name} reported an error in a 200 body")
+        raise UpstreamBadAnswer(
+            BadAnswer.ERROR_IN_BODY, f"{target.provider.name} reported an error in a 200 body"
+        )
     ctx.usage = Usage.from_json(parsed.get("usage"))
     return Unary(resp.status, body, parsed)
 
@@ -241,8 +253,8 @@ async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
             await _fail_on_status(target, resp)
         if not resp.content_type.startswith("text/event-stream"):
             body = await resp.content.read(64 * 1024)
-            raise AttemptFailed(
-                "bad_response",
+            raise UpstreamBadAnswer(
+                BadAnswer.NOT_JSON,
                 f"{target.provider.name} answered a stream request with {resp.content_type}"
                 + (" (an error)" if b'"error"' in body else ""),
             )
@@ -257,20 +269,20 @@ async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
                 break
             head.append(scanner.feed(chunk))
         if scanner.error is not None:
-            raise AttemptFailed(
-                "stream_error",
+            raise UpstreamBadAnswer(
+                BadAnswer.ERROR_EVENT,
                 f"{target.provider.name} sent an error event: {str(scanner.error.get('message', ''))[:200]}",
             )
         if not scanner.data_events:
-            raise AttemptFailed("empty_stream", f"{target.provider.name} closed the stream without data")
+            raise UpstreamBadAnswer(
+                BadAnswer.EMPTY_STREAM, f"{target.provider.name} closed the stream without data"
+            )
     except asyncio.CancelledError:
         _close(resp)
         wd.stop()
         if wd.absorb():
-            raise AttemptFailed(
-                "timeout",
-                f"{target.provider.name}: no first token within the {wd.expired} timeout",
-                timeout=True,
+            raise UpstreamTimeout(
+                f"{target.provider.name}: no first token within the {wd.expired} timeout"
             ) from None
         raise
     except aiohttp.ClientError as exc:

@@ -20,26 +20,26 @@ import structlog
 from gateway import metrics
 from gateway.config import CircuitBreakerConfig, Config, ModelConfig, RoutingConfig
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, RateLimited, ServiceUnavailable, UpstreamError
+from gateway.errors import (
+    AttemptFailed,
+    GatewayError,
+    Outcome,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamLimited,
+    UpstreamThrottled,
+    UpstreamTimeout,
+)
+from gateway.limits.plans import ScopePlan
+from gateway.limits.refusal import upstream_refusal
+from gateway.limits.state import Held
+from gateway.limits.upstream import UpstreamLimits
 from gateway.providers import Provider
 from gateway.steering import STEERING_FIELDS, to_strip, watched
-from gateway.upstream_limits import Held, Plan, UpstreamLimited, UpstreamLimits, refused
 
 log = structlog.get_logger("gateway.routing")
 T = TypeVar("T")
-
-
-class AttemptFailed(Exception):
-    """An attempt that may be retried or fallen back from (nothing reached the client yet)."""
-
-    def __init__(
-        self, outcome: str, message: str, *, retry_after: float | None = None, timeout: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.outcome = outcome  # a bounded label: "status_500", "timeout", "connect_error", ...
-        self.message = message
-        self.retry_after = retry_after
-        self.timeout = timeout
 
 
 class CircuitBreaker:
@@ -115,7 +115,7 @@ class Target:
     provider: Provider
     model: str
     breaker: CircuitBreaker
-    limits: Plan | None = None  # gateway-wide limits on this upstream (gateway.upstream_limits)
+    limits: ScopePlan | None = None  # gateway-wide limits on this upstream (gateway.limits.upstream)
     # Request fields removed before the body goes to this target (gateway.steering), and the top-level
     # keys that mean there is something to remove: computed once here, one isdisjoint per request.
     strip: frozenset[str] = STEERING_FIELDS
@@ -208,143 +208,192 @@ class Router:
         return base * (0.5 + random.random() / 2)  # jitter: 50-100 % of the exponential step
 
     async def run(self, ctx: RequestContext, attempt: Callable[[Target], Awaitable[T]]) -> T:
+        """Walk the model's targets until one answers; raise the error the walk ends on."""
         self.budget.requests += 1
         try:
-            return await self._run(ctx, attempt)
+            walk = Walk()
+            for target in self.routes[ctx.model.name].targets:
+                result = await self._try_target(ctx, target, walk, attempt)
+                if not isinstance(result, _Next):
+                    return result
+            raise walk.error(ctx, bool(self.routes[ctx.model.name].targets))
         finally:
             self.budget.requests -= 1
 
-    async def _run(self, ctx: RequestContext, attempt: Callable[[Target], Awaitable[T]]) -> T:
-        route = self.routes[ctx.model.name]
-        last: AttemptFailed | None = None
-        limited: UpstreamLimited | None = None
-        # Whether every target so far was rate-limiting: answered 429, or skipped with a circuit its
-        # 429s opened (then the client gets a 429 to back off from, not a 502 or 503).
-        throttled, saw_throttle = True, False
-        waits: list[float] = []  # when each of them said (or its circuit lets a trial through)
-        previous: Target | None = None
-        for target in route.targets:
-            if not target.breaker.allow():
-                if target.breaker.throttled:  # (one opened by failures is just skipped, as before)
-                    saw_throttle = True
-                    waits.append(target.breaker.reopens_in())
-                continue
-            trial = target.breaker.trial  # this caller is the half-open circuit's one trial
-            if previous is not None:
-                metrics.FALLBACKS.labels(ctx.model.name, previous.provider.name, target.provider.name).inc()
-            previous = target
-            ctx.provider, ctx.upstream_model = target.provider.name, target.model
-            for n in range(self.settings.retries + 1):
-                held: Held | None = None
+    async def _try_target(
+        self, ctx: RequestContext, target: Target, walk: Walk, attempt: Callable[[Target], Awaitable[T]]
+    ) -> T | _Next:
+        """One target: its circuit, then ``1 + routing.retries`` attempts within the retry budget."""
+        if not target.breaker.allow():
+            walk.skipped(target.breaker)
+            return NEXT
+        trial = target.breaker.trial  # this caller is the half-open circuit's one trial
+        if walk.previous is not None:
+            metrics.FALLBACKS.labels(ctx.model.name, walk.previous.provider.name, target.provider.name).inc()
+        walk.previous = target
+        ctx.provider, ctx.upstream_model = target.provider.name, target.model
+        for n in range(self.settings.retries + 1):
+            if n:
+                if not self.budget.allow():
+                    # Retries beyond the budget would multiply the load on a failing upstream:
+                    # fall back to the next target instead.
+                    _upstream_outcome(target, Outcome.RETRY_BUDGET)
+                    return NEXT
+                self.budget.retries += 1
+            try:
+                result = await self._attempt(ctx, target, walk, attempt, n, trial)
+            finally:
                 if n:
-                    if not self.budget.allow():
-                        # Retries beyond the budget would multiply the load on a failing upstream:
-                        # fall back to the next target instead.
-                        _upstream_outcome(target, "retry_budget")
-                        break
-                    self.budget.retries += 1
-                try:
-                    if n:
-                        await asyncio.sleep(self.backoff(n - 1, last.retry_after if last else None))
-                    if target.limits is not None and self.upstream is not None:
-                        held = await self.upstream.take(ctx, target.limits)
-                except UpstreamLimited as refusal:
-                    # Like an upstream 429, without calling it: the next target is tried. A half-open
-                    # circuit's trial this caller held goes to the next caller (no verdict here).
-                    if trial:
-                        target.breaker.release()
-                    if limited is None or refusal.retry_after < limited.retry_after:
-                        limited = refusal
-                    _upstream_outcome(target, "gateway_limited")
-                    if n:
-                        self.budget.retries -= 1
-                    break
-                except BaseException:
-                    if trial:  # cancelled, or the store refused: no verdict either
-                        target.breaker.release()
-                    if n:  # (cancelled in the backoff, or the store refused): the retry is over
-                        self.budget.retries -= 1
-                    raise
-                if held is not None:
-                    ctx.upstream_held = held
-                ctx.attempts += 1
-                try:
-                    try:
-                        result = await attempt(target)
-                    finally:
-                        if n:
-                            self.budget.retries -= 1
-                except AttemptFailed as failure:
-                    last = failure
-                    if failure.outcome == "status_429":
-                        saw_throttle = True
-                        if failure.retry_after is not None:
-                            waits.append(failure.retry_after)
-                    else:
-                        throttled = False
-                    if held is not None and self.upstream is not None:
-                        ctx.upstream_held = None
-                        self.upstream.give_back(held, 0)  # nothing was served: tokens and slot back
-                    _upstream_outcome(target, failure.outcome)
-                    self.observe(target.provider.name, False, None)
-                    log.info(
-                        "upstream_attempt_failed",
-                        provider=target.provider.name,
-                        upstream_model=target.model,
-                        outcome=failure.outcome,
-                        attempt=ctx.attempts,
-                    )
-                    if target.breaker.failure(throttled=failure.outcome == "status_429"):
-                        log.warning(
-                            "circuit_open",
-                            provider=target.provider.name,
-                            upstream_model=target.model,
-                            cooldown_seconds=target.breaker.cooldown,
-                        )
-                        break
-                    continue
-                except GatewayError:
-                    # The upstream answered, but the request itself is at fault: no retry, no penalty.
-                    target.breaker.success()
-                    _upstream_outcome(target, "client_error")
-                    self.observe(target.provider.name, True, None)
-                    raise
-                except BaseException:
-                    if trial:
-                        target.breaker.release()
-                    raise
-                _upstream_outcome(target, "success")
-                self.observe(target.provider.name, True, None)
-                if target.breaker.failures >= target.breaker.threshold:
-                    log.info("circuit_closed", provider=target.provider.name, upstream_model=target.model)
-                target.breaker.success()
+                    self.budget.retries -= 1
+            if result is not RETRY:
                 return result
-        if saw_throttle and throttled:
+        return NEXT
+
+    async def _attempt(
+        self,
+        ctx: RequestContext,
+        target: Target,
+        walk: Walk,
+        attempt: Callable[[Target], Awaitable[T]],
+        n: int,
+        trial: bool,
+    ) -> T | _Next:
+        """One attempt: the backoff before a retry, the target's gateway-wide limits, the call, and
+        the verdict for the circuit breaker, the metrics and provider health."""
+        held: Held | None = None
+        try:
+            if n:
+                await asyncio.sleep(self.backoff(n - 1, walk.last.retry_after if walk.last else None))
+            if target.limits is not None and self.upstream is not None:
+                held = await self.upstream.take(ctx, target.limits)
+        except UpstreamLimited as refusal:
+            # Like an upstream 429, without calling it: the next target is tried. A half-open
+            # circuit's trial this caller held goes to the next caller (no verdict here).
+            if trial:
+                target.breaker.release()
+            walk.limited_by(refusal)
+            _upstream_outcome(target, Outcome.GATEWAY_LIMITED)
+            return NEXT
+        except BaseException:
+            if trial:  # cancelled, or the store refused: no verdict either
+                target.breaker.release()
+            raise
+        if held is not None:
+            ctx.limits.upstream = held
+        ctx.attempts += 1
+        try:
+            result = await attempt(target)
+        except AttemptFailed as failure:
+            walk.failed(failure)
+            if held is not None and self.upstream is not None:
+                ctx.limits.upstream = None
+                self.upstream.limiter.give_back(held, 0)  # nothing was served: tokens and slot back
+            _upstream_outcome(target, failure.outcome)
+            self.observe(target.provider.name, False, None)
+            log.info(
+                "upstream_attempt_failed",
+                provider=target.provider.name,
+                upstream_model=target.model,
+                outcome=failure.outcome,
+                attempt=ctx.attempts,
+            )
+            if target.breaker.failure(throttled=isinstance(failure, UpstreamThrottled)):
+                log.warning(
+                    "circuit_open",
+                    provider=target.provider.name,
+                    upstream_model=target.model,
+                    cooldown_seconds=target.breaker.cooldown,
+                )
+                return NEXT
+            return RETRY
+        except GatewayError:
+            # The upstream answered, but the request itself is at fault: no retry, no penalty.
+            target.breaker.success()
+            _upstream_outcome(target, Outcome.CLIENT_ERROR)
+            self.observe(target.provider.name, True, None)
+            raise
+        except BaseException:
+            if trial:
+                target.breaker.release()
+            raise
+        _upstream_outcome(target, Outcome.SUCCESS)
+        self.observe(target.provider.name, True, None)
+        if target.breaker.failures >= target.breaker.threshold:
+            log.info("circuit_closed", provider=target.provider.name, upstream_model=target.model)
+        target.breaker.success()
+        return result
+
+
+class _Next:
+    """What an attempt returns when it did not serve: try the next target, or retry this one."""
+
+    __slots__ = ()
+
+
+NEXT, RETRY = _Next(), _Next()
+
+
+@dataclass(slots=True)
+class Walk:
+    """What a walk over a model's targets has seen; it picks the error the walk ends on."""
+
+    last: AttemptFailed | None = None
+    limited: UpstreamLimited | None = None  # the soonest-clearing gateway-wide limit refusal
+    # Whether every target so far was rate-limiting: answered 429, or skipped with a circuit its
+    # 429s opened (then the client gets a 429 to back off from, not a 502 or 503).
+    throttled: bool = True
+    saw_throttle: bool = False
+    waits: list[float] = field(default_factory=list)  # when each of them said it clears
+    previous: Target | None = None  # the target tried before (for the fallback metric)
+
+    def skipped(self, breaker: CircuitBreaker) -> None:
+        if breaker.throttled:  # (one opened by failures is just skipped)
+            self.saw_throttle = True
+            self.waits.append(breaker.reopens_in())
+
+    def limited_by(self, refusal: UpstreamLimited) -> None:
+        if self.limited is None or refusal.retry_after < self.limited.retry_after:
+            self.limited = refusal
+
+    def failed(self, failure: AttemptFailed) -> None:
+        self.last = failure
+        if isinstance(failure, UpstreamThrottled):
+            self.saw_throttle = True
+            if failure.retry_after is not None:
+                self.waits.append(failure.retry_after)
+        else:
+            self.throttled = False
+
+    def error(self, ctx: RequestContext, has_targets: bool) -> GatewayError:
+        model, last, limited = ctx.model.name, self.last, self.limited
+        if self.saw_throttle and self.throttled:
             # Every upstream is rate-limiting (or at its gateway-wide limit): the client gets a 429 it
             # can back off from — with the soonest Retry-After any of them gave — not a 502 or 503.
             metrics.RATE_LIMITED.labels(ctx.team or "none", "upstream").inc()
             if limited is not None:
-                waits.append(limited.retry_after)
-            raise RateLimited(
-                f"every upstream of model {ctx.model.name!r} is rate-limiting requests; try again shortly",
-                retry_after=min(waits, default=1.0),
+                self.waits.append(limited.retry_after)
+            return RateLimited(
+                f"every upstream of model {model!r} is rate-limiting requests; try again shortly",
+                retry_after=min(self.waits, default=1.0),
                 code="upstream_rate_limited",
             )
         if last is None and limited is not None:
             metrics.RATE_LIMITED.labels(ctx.team or "none", "upstream").inc()
-            raise refused(limited, ctx.model.name)
+            return upstream_refusal(limited, model)
         if last is None:
             why = (
                 "every target's circuit is open"
-                if route.targets
+                if has_targets
                 else "none of its providers has an API key configured"
             )
-            raise ServiceUnavailable(
-                f"no upstream available for model {ctx.model.name!r}: {why}", code="no_available_target"
+            return ServiceUnavailable(
+                f"no upstream available for model {model!r}: {why}", code="no_available_target"
             )
-        if last.timeout:
-            raise UpstreamError(f"upstream timed out ({last.message})", status=504, code="upstream_timeout")
-        raise UpstreamError(f"all upstream targets failed; last error: {last.message}", code="upstream_error")
+        if isinstance(last, UpstreamTimeout):
+            return UpstreamError(f"upstream timed out ({last.message})", status=504, code="upstream_timeout")
+        return UpstreamError(
+            f"all upstream targets failed; last error: {last.message}", code="upstream_error"
+        )
 
 
 def _upstream_outcome(target: Target, outcome: str) -> None:

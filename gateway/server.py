@@ -33,9 +33,11 @@ from gateway.errors import (
     RequestTooLarge,
     ServiceUnavailable,
 )
+from gateway.limits.limiter import Limiter
+from gateway.limits.upstream import UpstreamLimits
 from gateway.logging import ACCESS, REDACTOR
 from gateway.outcome import clean_id, new_request_id
-from gateway.pipeline import Limiter, Pipeline, Services
+from gateway.pipeline import Pipeline, Services
 from gateway.probes import Prober
 from gateway.protocol import RequestBodyTimeout
 from gateway.providers import Provider, create
@@ -46,7 +48,6 @@ from gateway.state.base import Store, StoreUnavailable
 from gateway.state.cache import CacheStore, MemoryCache, RedisCache
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
-from gateway.upstream_limits import UpstreamLimits
 
 log = structlog.get_logger("gateway")
 
@@ -273,7 +274,6 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
     )
     services = Services(config=config, store=store, auth=auth, prefix=prefix, cache=cache)
     pipeline = Pipeline(plugins.build(config.plugins, services), limiter)
-    pipeline.upstream = router.upstream
     gw = Gateway(
         config=config,
         providers=providers,

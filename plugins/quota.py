@@ -15,16 +15,13 @@ from aiohttp import web
 from gateway.accounting import window_ends_ms, windows
 from gateway.config import IdentityNeed, ModelConfig, TeamConfig
 from gateway.context import RequestContext
+from gateway.limits import keys
 from gateway.pipeline import Services
 from gateway.state.base import Check, KeyRecord, Op
 
 DAY_TTL = 3 * 86400
 MONTH_TTL = 40 * 86400
 USAGE_TTL = 400 * 86400
-
-
-def usage_key(prefix: str, team: str, day: str) -> str:
-    return f"{prefix}:{{{team}}}:usage:{day}"
 
 
 _MAX_PLANS = 10_000
@@ -70,10 +67,10 @@ class QuotaPlugin:
             return plan
         if len(self._plans) >= 10_000:  # teams re-read every second make new objects: stay bounded
             self._plans.clear()
-        base = f"{self.prefix}:{{{team.id}}}"
+        base = keys.team(self.prefix, team.id)
         scopes = [(base, team.budgets)]
         if key is not None:
-            scopes.append((f"{base}:k:{key.id}", key.budgets))
+            scopes.append((keys.api_key(base, key.id), key.budgets))
         budgets: list[tuple[str, str, float, bool]] = []  # (key, window kind, limit, counts usd)
         for scope, b in scopes:
             for limit, window, usd in (
@@ -86,7 +83,7 @@ class QuotaPlugin:
                     budgets.append((f"{scope}:{window}", window[4], float(limit), usd))
         ends = dict(zip("dm", window_ends_ms(), strict=True))
         checks = tuple(Check("budget", k, limit, "budget", ends_ms=ends[w]) for k, w, limit, _ in budgets)
-        plan = _Plan(team, key, day, tuple(budgets), checks, usage_key(self.prefix, team.id, day))
+        plan = _Plan(team, key, day, tuple(budgets), checks, keys.usage(self.prefix, team.id, day))
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
         self._plans[cache_key] = plan
@@ -95,7 +92,7 @@ class QuotaPlugin:
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
         plan = self._plan(ctx)
         if plan is not None:
-            ctx.checks.extend(plan.checks)
+            ctx.limits.checks.extend(plan.checks)
         return None
 
     def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:
@@ -113,9 +110,9 @@ class QuotaPlugin:
         for key, window, _, usd in plan.budgets:
             amount = cost if usd else tokens
             if amount:
-                ctx.ops.append(Op("incr", key, (amount, DAY_TTL if window == "d" else MONTH_TTL)))
+                ctx.limits.ops.append(Op("incr", key, (amount, DAY_TTL if window == "d" else MONTH_TTL)))
         usage = ctx.usage if ctx.cache != "hit" else None
-        ctx.ops.append(
+        ctx.limits.ops.append(
             Op(
                 "usage",
                 plan.usage_key,

@@ -31,6 +31,7 @@ from gateway.auth import Identity, tenant
 from gateway.context import RequestContext
 from gateway.errors import AuthenticationFailed, NotFound, PermissionDenied, RateLimited
 from gateway.formats import native
+from gateway.limits import keys
 from gateway.relay import SSE_HEADERS, relay_stream
 from gateway.runtime import CONTEXT, GATEWAY, REQUEST_ID, Gateway
 from gateway.state.base import Check
@@ -191,7 +192,7 @@ async def create_ticket(request: web.Request) -> web.Response:
 async def _take_ticket_quota(gw: Gateway, team: str) -> None:
     check = Check(
         "bucket",
-        f"{gw.prefix}:{{{team}}}:tickets",
+        keys.tickets(gw.prefix, team),
         TICKETS_PER_MINUTE,
         "rpm",
         rate=TICKETS_PER_MINUTE / 60,

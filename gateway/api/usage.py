@@ -19,9 +19,9 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.errors import InvalidRequest, PermissionDenied, RateLimited
+from gateway.limits import keys
 from gateway.runtime import GATEWAY
 from gateway.state.base import Check
-from plugins.quota import usage_key
 
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_usd")
 MAX_DAYS = 366  # a leap year, both ends included: one report reads at most this many hashes
@@ -79,7 +79,7 @@ async def usage(request: web.Request) -> web.Response:
     await _take(request, prefix, team, admin=identity.admin)
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
     async with request.app[_READS]:
-        hashes = await gw.store.usage_many([usage_key(prefix, team, d.strftime("%Y%m%d")) for d in days])
+        hashes = await gw.store.usage_many([keys.usage(prefix, team, d.strftime("%Y%m%d")) for d in days])
     rows: list[dict[str, Any]] = []
     total = dict.fromkeys(FIELDS, 0.0)
     for day, fields in zip(days, hashes, strict=True):
@@ -108,12 +108,12 @@ async def _take(request: web.Request, prefix: str, team: str, *, admin: bool) ->
     limiter = request.app[GATEWAY].pipeline.limiter
     if admin:
         rpm, label = ADMIN_RPM, "none"  # (the team label of callers with no team)
-        check = Check("bucket", f"{prefix}:usage-api:admin:rpm", rpm, "usage_api", rate=rpm / 60, cost=1)
+        check = Check("bucket", keys.usage_api(prefix, None), rpm, "usage_api", rate=rpm / 60, cost=1)
         decision = await limiter.local.admit([check])  # per instance: no store call
     else:
         rpm, label = TEAM_RPM, team
         # The team's hash tag: on Redis Cluster, the same master as the team's usage books.
-        check = Check("bucket", f"{prefix}:{{{team}}}:usage-api:rpm", rpm, "usage_api", rate=rpm / 60, cost=1)
+        check = Check("bucket", keys.usage_api(prefix, team), rpm, "usage_api", rate=rpm / 60, cost=1)
         decision, _ = await limiter.take([check])  # the store's fail-open/closed policy applies
     if decision.failed is not None:
         metrics.RATE_LIMITED.labels(label, "usage_api").inc()

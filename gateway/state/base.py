@@ -122,7 +122,9 @@ def _dict(obj: Limits | Budgets) -> dict[str, Any]:
     return {k: getattr(obj, k) for k in obj.__slots__ if getattr(obj, k) is not None}
 
 
-class Store(Protocol):
+class LimitStore(Protocol):
+    """Limits and books: what the limiter needs (``gateway.limits``)."""
+
     async def admit(self, checks: Sequence[Check]) -> Decision: ...
     async def settle(self, ops: Sequence[Op], settle_id: str | None = None) -> None: ...
     def settle_soon(
@@ -135,12 +137,19 @@ class Store(Protocol):
     async def settled(self) -> None:
         """Wait until the answers of every ``settle_soon`` so far are in."""
 
+
+class UsageReads(Protocol):
+    """What the usage report and the admin API read back."""
+
     async def counter(self, key: str) -> float: ...
     async def usage_many(self, keys: Sequence[str]) -> list[dict[str, float]]:
         """The usage hashes at ``keys`` (``{}`` for a missing one), in order, read in one round trip:
         a report's days, which share their team's hash tag (one node on Redis Cluster)."""
 
-    # The runtime directory (teams and keys created through the admin API).
+
+class Directory(Protocol):
+    """The runtime directory: teams and keys created through the admin API."""
+
     async def get_key(self, key_hash: str) -> KeyRecord | None: ...
     async def get_key_by_id(self, key_id: str) -> KeyRecord | None: ...
     async def put_key(self, record: KeyRecord) -> None: ...
@@ -150,6 +159,12 @@ class Store(Protocol):
     async def put_team(self, team_id: str, data: dict[str, Any]) -> None: ...
     async def delete_team(self, team_id: str) -> None: ...
     async def list_teams(self) -> list[dict[str, Any]]: ...
+
+
+class Store(LimitStore, UsageReads, Directory, Protocol):
+    """A whole backend (``MemoryStore``, ``RedisStore``); each part of the gateway takes the narrow
+    protocol it needs."""
+
     async def ping(self) -> float: ...
     async def close(self) -> None: ...
 

@@ -15,8 +15,8 @@ import openai
 import orjson
 import pytest
 
+from gateway.limits.keys import usage as usage_key
 from gateway.state.base import Op
-from plugins.quota import usage_key
 from tests.conftest import MASTER_KEY, REDIS_URL, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
 
 MESSAGES = [{"role": "user", "content": "how many tokens is this?"}]

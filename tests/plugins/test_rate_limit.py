@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from gateway.pipeline import _duration
+from gateway.limits.refusal import duration
 from tests.conftest import MASTER_KEY, REDIS_URL, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
 
 
@@ -434,4 +434,4 @@ async def test_a_request_without_max_tokens_fits_a_small_tpm_limit(upstream, mak
     [(0.25, "250ms"), (1, "1s"), (6, "6s"), (12.5, "12.5s"), (60, "1m0s"), (90, "1m30s"), (119.97, "2m0s")],
 )
 def test_reset_headers_use_openai_duration_format(seconds: float, header: str) -> None:
-    assert _duration(seconds) == header
+    assert duration(seconds) == header

@@ -24,7 +24,7 @@ import openai
 import pytest
 import redis as sync_redis
 
-from gateway.pipeline import Limiter
+from gateway.limits.limiter import Limiter
 from gateway.state.base import Check, Op, StoreUnavailable, new_settle_id
 from gateway.state.cluster import ClusterPipe, key_slot
 from gateway.state.redis import RedisStore

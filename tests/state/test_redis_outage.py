@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.pipeline import Limiter
+from gateway.limits.limiter import Limiter
 from gateway.state.base import Op, new_settle_id
 from gateway.state.redis import RedisStore
 from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, PrivateRedis, RunningGateway, tenancy_config
@@ -453,7 +453,7 @@ async def test_a_refused_admission_script_is_an_error_not_the_fail_open_path() -
     StoreUnavailable)."""
     import hiredis
 
-    from gateway.pipeline import Limiter
+    from gateway.limits.limiter import Limiter
     from gateway.state.base import Check, StoreScriptError
     from gateway.state.redis import RedisStore
 
