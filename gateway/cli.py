@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import resource
 import shutil
@@ -73,6 +74,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("gateway_started", host=host, port=bound, **_summary(cfg))
+        _settle_heap()
         if started is not None:
             started(bound)
         await stop.wait()
@@ -83,6 +85,20 @@ async def serve(
         # closes what start-up opened — after a failed start, whatever it had opened so far.
         await runner.cleanup()
     log.info("gateway_stopped")
+
+
+GC_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
+
+
+def _settle_heap() -> None:
+    """Once start-up is done, move everything it built (config, routes, the GraphQL schema, imported
+    modules: ~100k objects) out of the cyclic garbage collector's reach, and let it run less often.
+    Requests free their objects by reference counting and make almost no cycles, yet every full
+    collection walked the whole start-up heap: measured, 20 % of the CPU per request and pauses of
+    ~100 ms (the p99). What stays collectable is only what requests allocate."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 100)
 
 
 async def _listen(runner: GatewayRunner, host: str, port: int, *, reuse_port: bool) -> int:

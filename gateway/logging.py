@@ -30,9 +30,17 @@ class Redactor:
     """A structlog processor that masks secrets in every string value of an event."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets: frozenset[str] = frozenset()
         self.set_secrets(secrets)
 
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        """Mask these too (every app built in this process keeps its secrets masked)."""
+        more = self.secrets.union(secrets)
+        if more != self.secrets:
+            self.set_secrets(more)
+
     def set_secrets(self, secrets: Iterable[str]) -> None:
+        self.secrets = frozenset(secrets)
         literal = [re.escape(s) for s in sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)]
         self.pattern = re.compile("|".join(literal + _GENERIC))
         # A literal pre-check (~0.4 µs) spares the full pattern (~1.4 µs) on the usual clean string.
@@ -110,6 +118,13 @@ def _binary(stream: Any) -> BinaryIO:
 
 
 ACCESS = AccessLog()
+
+
+def reset() -> None:
+    """Back to the state of a fresh import: no configured secrets, the access line on stdout. For a
+    process that builds several gateways (tests, embedding) and wants none of an earlier one's state."""
+    REDACTOR.set_secrets(())
+    ACCESS.__init__()  # type: ignore[misc]
 
 
 def configure(level: str = "info", stream: Any = None, *, cache: bool = True) -> None:

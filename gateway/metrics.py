@@ -7,6 +7,7 @@ outcomes — never keys, request ids or free text. Hot paths bind label children
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -89,3 +90,46 @@ GRAPHQL_OPERATIONS = Counter(
     "GraphQL operations by type (query, mutation, subscription; invalid: not parsed).",
     ["type"],
 )
+
+
+class RequestMetrics:
+    """Request counters and histograms with label children bound once per label set."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, str, int, str], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
+        self._ttft: dict[tuple[str, str], Any] = {}
+        self._spend: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+
+    def observe(
+        self, model: str, provider: str, status: int, team: str, elapsed: float, ttft: float | None
+    ) -> None:
+        key = (model, provider, status, team)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = REQUESTS.labels(model, provider, str(status), team)
+        counter.inc()
+        pair = (model, provider)
+        hist = self._durations.get(pair)
+        if hist is None:
+            hist = self._durations[pair] = REQUEST_DURATION.labels(model, provider)
+        hist.observe(elapsed)
+        if ttft is not None:
+            t = self._ttft.get(pair)
+            if t is None:
+                t = self._ttft[pair] = TTFT.labels(model, provider)
+            t.observe(ttft)
+
+    def spend(self, team: str, model: str, prompt: int, completion: int, cost: float) -> None:
+        key = (team, model)
+        children = self._spend.get(key)
+        if children is None:
+            children = self._spend[key] = (
+                TOKENS.labels(team, model, "prompt"),
+                TOKENS.labels(team, model, "completion"),
+                COST.labels(team, model),
+            )
+        children[0].inc(prompt)
+        children[1].inc(completion)
+        if cost:
+            children[2].inc(cost)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from typing import Any
 
-from gateway import metrics
 from gateway.accounting import cost_usd
 from gateway.context import RequestContext
 from gateway.logging import ACCESS, REDACTOR
@@ -30,52 +28,6 @@ def new_request_id() -> str:
 
 def clean_id(rid: str) -> str:
     return rid if rid.startswith(_GENERATED) else REDACTOR.clean(rid)
-
-
-class _RequestMetrics:
-    """Request counters and histograms with label children bound once per label set."""
-
-    def __init__(self) -> None:
-        self._counters: dict[tuple[str, str, int, str], Any] = {}
-        self._durations: dict[tuple[str, str], Any] = {}
-        self._ttft: dict[tuple[str, str], Any] = {}
-        self._spend: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-
-    def observe(
-        self, model: str, provider: str, status: int, team: str, elapsed: float, ttft: float | None
-    ) -> None:
-        key = (model, provider, status, team)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = metrics.REQUESTS.labels(model, provider, str(status), team)
-        counter.inc()
-        pair = (model, provider)
-        hist = self._durations.get(pair)
-        if hist is None:
-            hist = self._durations[pair] = metrics.REQUEST_DURATION.labels(model, provider)
-        hist.observe(elapsed)
-        if ttft is not None:
-            t = self._ttft.get(pair)
-            if t is None:
-                t = self._ttft[pair] = metrics.TTFT.labels(model, provider)
-            t.observe(ttft)
-
-    def spend(self, team: str, model: str, prompt: int, completion: int, cost: float) -> None:
-        key = (team, model)
-        children = self._spend.get(key)
-        if children is None:
-            children = self._spend[key] = (
-                metrics.TOKENS.labels(team, model, "prompt"),
-                metrics.TOKENS.labels(team, model, "completion"),
-                metrics.COST.labels(team, model),
-            )
-        children[0].inc(prompt)
-        children[1].inc(completion)
-        if cost:
-            children[2].inc(cost)
-
-
-REQUEST_METRICS = _RequestMetrics()
 
 
 def finish(
@@ -96,11 +48,11 @@ def finish(
         gw.performance.observe(
             ctx.model.name, elapsed, ctx.ttft, usage.completion_tokens if usage else None, status >= 500
         )
-    REQUEST_METRICS.observe(
+    gw.request_metrics.observe(
         ctx.model.name, ctx.provider or "none", status, ctx.team or "none", elapsed, ctx.ttft
     )
     if usage is not None and ctx.cache != "hit":
-        REQUEST_METRICS.spend(
+        gw.request_metrics.spend(
             ctx.team or "none",
             ctx.model.name,
             usage.prompt_tokens,

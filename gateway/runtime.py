@@ -10,6 +10,7 @@ from gateway.auth import Authenticator
 from gateway.capabilities import Catalog
 from gateway.config import Config
 from gateway.context import RequestContext
+from gateway.metrics import RequestMetrics
 from gateway.performance import Performance
 from gateway.pipeline import Pipeline
 from gateway.probes import Prober
@@ -31,6 +32,7 @@ class Gateway:
     cache: CacheStore
     catalog: Catalog
     performance: Performance = field(default_factory=Performance)
+    request_metrics: RequestMetrics = field(default_factory=RequestMetrics)
     models_body: bytes = b""
     ready: bool = False  # providers started
     draining: bool = False  # SIGTERM received: finishing in-flight work

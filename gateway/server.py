@@ -150,7 +150,7 @@ def _finish(request: web.Request, rid: str, status: int, elapsed: float) -> asyn
     if ctx is None:
         if request.path.startswith(_COMPLETIONS):
             # Refused before it named a model the gateway knows (bad JSON, 413, ...): still a request.
-            outcome.REQUEST_METRICS.observe("unknown", "none", status, "none", elapsed, None)
+            request.app[GATEWAY].request_metrics.observe("unknown", "none", status, "none", elapsed, None)
         ACCESS.write(
             {
                 "event": "request",
@@ -248,6 +248,8 @@ def build_store(config: Config) -> Store:
 
 
 def build_app(config: Config, store: Store | None = None) -> web.Application:
+    # An embedded app (no CLI) masks its own secrets too: in logs, error messages and access lines.
+    REDACTOR.add_secrets(config.secrets())
     providers: dict[str, Provider] = {p.name: create(p) for p in config.providers}
     store = store if store is not None else build_store(config)
     prober = Prober(

@@ -7,6 +7,7 @@ import pytest
 from aiohttp import web
 
 from gateway import config_parser as config_mod
+from gateway import logging as gw_logging
 from gateway.runtime import GATEWAY, Gateway
 from gateway.server import build_app
 from gateway.state.memory import MemoryStore
@@ -59,3 +60,30 @@ async def test_a_resource_failing_at_start_up_closes_every_one_opened_before_it(
     assert gw.mock_url is not None and await refused(gw.mock_url + "/models")
     assert store.closed
     assert not gw.ready
+
+
+async def test_an_embedded_app_masks_its_secrets_without_the_cli(aiohttp_server) -> None:
+    """``build_app`` alone (no ``llm-gateway serve``, no logging set-up) keeps the provider key out of
+    what the client gets, even from an upstream that echoes it back."""
+    key = "echo-provider-credential-7f3a9c51"
+
+    async def echo_credentials(request: web.Request) -> web.Response:
+        got = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return web.json_response({"error": {"message": f"bad key {got}", "type": "x"}}, status=400)
+
+    echo_app = web.Application()
+    echo_app.router.add_post("/v1/chat/completions", echo_credentials)
+    echo = await aiohttp_server(echo_app)
+    gw_logging.reset()  # a process that never configured the redactor
+    cfg = base_config(str(echo.make_url("/v1")))
+    cfg["providers"] = [
+        {"name": "echo", "type": "openai", "base_url": str(echo.make_url("/v1")), "api_key": key}
+    ]
+    cfg["models"] = [{"name": "chat", "targets": [{"provider": "echo", "model": "m"}]}]
+    gateway = await aiohttp_server(build_app(config_mod.parse(cfg, env={})))
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(gateway.make_url("/v1/chat/completions"), json=body) as resp:
+            text = await resp.text()
+    assert resp.status == 400
+    assert "bad key" in text and key not in text
