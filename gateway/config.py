@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -108,9 +108,9 @@ class ModelConfig:
     # so at run time a routed model's pricing is always set.
     pricing: Pricing | None = None
     context_window: int | None = None
-    cache: ModelCacheConfig = ModelCacheConfig()
     context_window_fallback: str | None = None  # a larger-window model for requests that do not fit
     capabilities: CapabilitiesConfig = CapabilitiesConfig()
+    cache: ModelCacheConfig = ModelCacheConfig()
     allow_fields: tuple[str, ...] = ()  # steering fields passed through for it (gateway.steering)
 
 
@@ -256,13 +256,14 @@ class GraphQLConfig:
 @dataclass(frozen=True, slots=True)
 class JwtConfig:
     algorithms: tuple[str, ...]
-    audience: str
-    issuer: str
-    team_claim: str = "team"
+    _: KW_ONLY  # the rest in the order the parser lists the keys of auth.jwt
     secret: str | None = field(default=None, repr=False)
     public_key_file: str | None = None
     jwks_url: str | None = None  # the IdP's JWKS endpoint (operator config), fetched and refreshed
     jwks_refresh_seconds: float = 300.0
+    audience: str
+    issuer: str
+    team_claim: str = "team"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,21 +2,31 @@
 
 This is the only module that reads the environment. Validation collects *every* problem with the
 dotted path of the offending key, so ``llm-gateway check-config`` can print them all at once.
+
+One reader per section (``_server``, ``_provider``, ``_model``, ...) builds its section's dataclass with
+``_build``: a key is named once, as its dataclass field, which gives its type, its default and whether it
+is required; the reader names only the fields it reads its own way (nested sections, lists, checks), and
+its known keys are the dataclass's ``__slots__``. Where the YAML differs from the dataclasses, the reader
+says so: the top level (``_config``), ``teams[]`` (``api_keys`` gives ``key_hashes``), ``auth`` and
+``admin``. (tests/test_deploy_files.py reads the ``known(...)`` calls, literal keys or
+``*Dataclass.__slots__``, to keep the README and config/example.full.yaml complete.)
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from types import NoneType, UnionType
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
 
 from gateway.config import (
-    DEFAULT_PLUGINS,
     KNOWN_PLUGINS,
     PLUGIN_NEEDS_IDENTITY,
     PROVIDER_TYPES,
@@ -46,6 +56,9 @@ from gateway.config import (
     hash_key,
 )
 from gateway.steering import STEERING_FIELDS
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -151,156 +164,286 @@ class _Reader:
         return tuple(raw)
 
 
+D = TypeVar("D", bound="DataclassInstance")
+# How a reader reads one field its own way: called with the section's reader and the field's key.
+Hook = Callable[[_Reader, str], Any]
+
+
+@functools.cache
+def _field_types(cls: type[DataclassInstance]) -> dict[str, tuple[Any, Any]]:
+    """Each field's type (its annotation without ``| None``) and default (``MISSING``: it has none)."""
+    hints = get_type_hints(cls)
+    found = {}
+    for f in fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, UnionType):
+            hint = next(arg for arg in get_args(hint) if arg is not NoneType)
+        found[f.name] = (hint, f.default)
+    return found
+
+
+def _scalar(r: _Reader, cls: type[DataclassInstance], name: str, key: str = "") -> Any:
+    """Field ``name`` of ``cls`` from the key of that name (or ``key``), by the field's type — bool, int,
+    float, str or a list of strings — and default; a field without a default is required."""
+    key = key or name
+    kind, default = _field_types(cls)[name]
+    if kind == tuple[str, ...] and default is not MISSING:
+        found = r.strings(key)
+        return default if found is None else found
+    if kind not in (bool, int, float, str):
+        raise TypeError(f"{cls.__name__}.{name} is not a scalar: its section's reader must read it")
+    if default is MISSING:
+        return r.get(key, kind, kind(), required=True)
+    return r.get(key, kind, default)
+
+
+def _build(r: _Reader, cls: type[D], **hooks: Hook) -> D:
+    """``cls`` from the section ``r``, field by field in their order: those in ``hooks`` by their hook,
+    every other one by ``_scalar``."""
+    names = [f.name for f in fields(cls)]
+    assert hooks.keys() <= set(names), f"{cls.__name__} has no field {set(hooks) - set(names)}"
+    return cls(**{name: hooks[name](r, name) if name in hooks else _scalar(r, cls, name) for name in names})
+
+
+def _child(read: Callable[[_Reader], Any]) -> Hook:
+    """A hook for a nested section, read by ``read``."""
+    return lambda r, key: read(r.child(key))
+
+
+def _optional(read: Callable[[_Reader], Any]) -> Hook:
+    """A hook for a nested section that is None when left out."""
+    return lambda r, key: None if r.data.get(key) is None else read(r.child(key))
+
+
 def _positive(r: _Reader, name: str, value: float, minimum: float = 0.0) -> None:
     if value <= minimum:
         r.problem(name, f"must be greater than {minimum:g}")
 
 
-def _timeouts(r: _Reader) -> Timeouts:
-    r.known("connect", "first_byte", "idle", "total")
-    d = Timeouts()
-    t = Timeouts(
-        connect=r.get("connect", float, d.connect),
-        first_byte=r.get("first_byte", float, d.first_byte),
-        idle=r.get("idle", float, d.idle),
-        total=r.get("total", float, d.total),
+def _all_positive(r: _Reader, section: D) -> D:
+    """Every number in ``section`` (its booleans are not numbers) must be greater than 0."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if not isinstance(value, bool):
+            _positive(r, f.name, value)
+    return section
+
+
+def _at_least_one(r: _Reader, name: str, value: int | None, omitted: str) -> None:
+    if value is not None and value < 1:
+        r.problem(name, f"must be at least 1 (omit it {omitted})")
+
+
+# --- the top level -------------------------------------------------------------------------------------
+
+
+def _config(root: _Reader, source: str) -> Config:
+    """The whole document, a reader per top-level key. The keys are Config's fields but for ``auth``
+    and ``admin`` (see ``_auth``, ``_admin``); ``source`` is where the document came from."""
+    root.known(
+        "health",
+        "metrics",
+        "rate_limiting",
+        "server",
+        "redis",
+        "providers",
+        "models",
+        "teams",
+        "routing",
+        "cache",
+        "auth",
+        "admin",
+        "plugins",
+        "graphql",
     )
-    for name in ("connect", "first_byte", "idle", "total"):
-        _positive(r, name, getattr(t, name))
-    return t
+    server = _server(root.child("server"))
+    providers = _providers(root)
+    provider_names = {p.name for p in providers}
+    models = _models(root, provider_names)
+    return Config(
+        server=server,
+        providers=providers,
+        models=models,
+        teams=_teams(root, {m.name for m in models}),
+        routing=_routing(root.child("routing"), provider_names),
+        redis=_redis(root.child("redis")),
+        cache=_cache(root.child("cache")),
+        **_auth(root.child("auth")),
+        **_admin(root.child("admin")),
+        health=_health(root.child("health")),
+        metrics=_metrics(root.child("metrics")),
+        rate_limiting=_rate_limiting(root.child("rate_limiting")),
+        plugins=_plugins(root),
+        graphql=_graphql(root.child("graphql")),
+        source=source,
+    )
+
+
+def _unique(r: _Reader, what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n and n in seen:
+            r.problem(what, f"duplicate name {n!r}")
+        seen.add(n)
+
+
+# --- server ----------------------------------------------------------------------------------------------
+
+
+def _server(r: _Reader) -> ServerConfig:
+    r.known(*ServerConfig.__slots__)
+    server = _build(r, ServerConfig)
+    for origin in server.cors_origins:
+        # SECURITY: exact origins only (scheme://host[:port]); "*" would let any site use a key a
+        # browser holds, and a path or trailing slash never matches a browser's Origin header.
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?", origin):
+            r.problem("cors_origins", f"{origin!r} is not an origin like https://app.example.com")
+    if not 0 <= server.port <= 65535:
+        r.problem("port", "must be between 0 and 65535")
+    for name in ("head_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
+        _positive(r, name, getattr(server, name))
+    _positive(r, "max_connections", server.max_connections)
+    return server
+
+
+# --- providers[] -----------------------------------------------------------------------------------------
+
+
+def _providers(root: _Reader) -> tuple[ProviderConfig, ...]:
+    providers = tuple(_provider(p) for p in root.items("providers"))
+    if not providers:
+        root.problem("providers", "needs at least one provider")
+    _unique(root, "providers", [p.name for p in providers])
+    return providers
 
 
 def _provider(r: _Reader) -> ProviderConfig:
-    r.known(
-        "name",
-        "type",
-        "base_url",
-        "api_key",
-        "timeouts",
-        "headers",
-        "max_connections",
-        "probe_path",
-        "limits",
-        "allow_fields",
+    r.known(*ProviderConfig.__slots__)
+    provider = _build(
+        r,
+        ProviderConfig,
+        base_url=lambda r, key: r.get(key, str, "").rstrip("/"),  # required unless the type is mock
+        timeouts=_child(_timeouts),
+        headers=_headers,
+        probe_path=_probe_path,
+        limits=_optional(_limits),
+        allow_fields=_allow_fields,
     )
-    name = r.get("name", str, "", required=True)
-    kind = r.get("type", str, "openai", required=True)
-    if kind not in PROVIDER_TYPES:
-        r.problem("type", f"must be one of {', '.join(PROVIDER_TYPES)}, got {kind!r}")
-    base_url = r.get("base_url", str, "").rstrip("/")
-    if kind != "mock" and not base_url:
+    if provider.type and provider.type not in PROVIDER_TYPES:  # an empty one is reported as required
+        r.problem("type", f"must be one of {', '.join(PROVIDER_TYPES)}, got {provider.type!r}")
+    if provider.type != "mock" and not provider.base_url:
         r.problem("base_url", "is required")
-    elif base_url and not base_url.startswith(("http://", "https://")):
+    elif provider.base_url and not provider.base_url.startswith(("http://", "https://")):
         r.problem("base_url", "must start with http:// or https://")
-    headers = r.data.get("headers") or {}
+    return provider
+
+
+def _timeouts(r: _Reader) -> Timeouts:
+    r.known(*Timeouts.__slots__)
+    return _all_positive(r, _build(r, Timeouts))
+
+
+def _headers(r: _Reader, key: str) -> dict[str, str]:
+    headers = r.data.get(key) or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        r.problem("headers", "must be a mapping of header names to strings")
-        headers = {}
-    return ProviderConfig(
-        name=name,
-        type=kind,
-        base_url=base_url,
-        api_key=r.get("api_key", str, ""),
-        timeouts=_timeouts(r.child("timeouts")),
-        headers={str(k): v for k, v in headers.items()},
-        max_connections=r.get("max_connections", int, 256),
-        probe_path=(r.get("probe_path", str, "/models") or None)
-        if r.data.get("probe_path") is not False
-        else None,
-        limits=_limits(r.child("limits")) if r.data.get("limits") is not None else None,
-        allow_fields=_allow_fields(r),
-    )
+        r.problem(key, "must be a mapping of header names to strings")
+        return {}
+    return {str(k): v for k, v in headers.items()}
 
 
-def _allow_fields(r: _Reader) -> tuple[str, ...]:
+def _probe_path(r: _Reader, key: str) -> str | None:
+    """``false`` turns the probe off; left out or empty, the default path."""
+    return None if r.data.get(key) is False else _scalar(r, ProviderConfig, key)
+
+
+def _allow_fields(r: _Reader, key: str) -> tuple[str, ...]:
     """``allow_fields``: steering fields (``gateway.steering``) this provider or model passes through."""
-    names = r.strings("allow_fields") or ()
+    names = r.strings(key) or ()
     for i, name in enumerate(names):
         if name not in STEERING_FIELDS:
             r.problem(
-                f"allow_fields[{i}]",
+                f"{key}[{i}]",
                 f"{name!r} is never stripped (allowed: {', '.join(sorted(STEERING_FIELDS))})",
             )
     return names
 
 
+def _limits(r: _Reader) -> Limits:
+    r.known(*Limits.__slots__)
+    limits = _build(r, Limits)
+    for name in Limits.__slots__:
+        _at_least_one(r, name, getattr(limits, name), "for no limit")
+    return limits
+
+
+# --- models[] --------------------------------------------------------------------------------------------
+
+
+def _models(root: _Reader, provider_names: set[str]) -> tuple[ModelConfig, ...]:
+    models = tuple(_model(m, provider_names) for m in root.items("models"))
+    if not models:
+        root.problem("models", "needs at least one model")
+    _unique(root, "models", [m.name for m in models])
+    _target_limits_agree(root, models)
+    _window_fallbacks(root, models)
+    return models
+
+
 def _model(r: _Reader, provider_names: set[str]) -> ModelConfig:
-    r.known(
-        "name",
-        "targets",
-        "pricing",
-        "context_window",
-        "context_window_fallback",
-        "capabilities",
-        "cache",
-        "allow_fields",
+    r.known(*ModelConfig.__slots__)
+    return _build(
+        r,
+        ModelConfig,
+        targets=lambda r, key: _targets(r, key, provider_names),
+        pricing=_optional(_pricing),
+        context_window=_context_window,
+        capabilities=_child(_capabilities),
+        cache=_child(_model_cache),
+        allow_fields=_allow_fields,
     )
-    targets = []
-    for t in r.items("targets"):
-        t.known("provider", "model", "limits")
-        target = TargetConfig(
-            t.get("provider", str, "", required=True),
-            t.get("model", str, "", required=True),
-            _limits(t.child("limits")) if t.data.get("limits") is not None else None,
-        )
-        if target.provider and target.provider not in provider_names:
-            t.problem("provider", f"unknown provider {target.provider!r}")
-        targets.append(target)
+
+
+def _targets(r: _Reader, key: str, provider_names: set[str]) -> tuple[TargetConfig, ...]:
+    targets = tuple(_target(t, provider_names) for t in r.items(key))
     if not targets:
-        r.problem("targets", "needs at least one target")
-    pricing = _pricing(r.child("pricing")) if r.data.get("pricing") is not None else None
-    window = r.get("context_window", int, 0)
-    if "context_window" in r.data and r.data["context_window"] not in (None, "") and window < 1:
-        r.problem("context_window", "must be at least 1 (omit it for no limit)")
-    mc = r.child("cache")
-    mc.known("enabled", "ttl_seconds", "deterministic_only")
-    unset_b: bool | None = None
-    unset_i: int | None = None
-    cache = ModelCacheConfig(
-        mc.get("enabled", bool, unset_b),
-        mc.get("ttl_seconds", int, unset_i),
-        mc.get("deterministic_only", bool, unset_b),
-    )
-    return ModelConfig(
-        r.get("name", str, "", required=True),
-        tuple(targets),
-        pricing,
-        window or None,
-        cache,
-        context_window_fallback=r.get("context_window_fallback", str, "") or None,
-        capabilities=_capabilities(r.child("capabilities")),
-        allow_fields=_allow_fields(r),
-    )
+        r.problem(key, "needs at least one target")
+    return targets
 
 
-def _pricing(p: _Reader) -> Pricing:
-    p.known("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "image_per_mtok")
-    cached = p.get("cached_input_per_mtok", float, -1.0)
-    image = p.get("image_per_mtok", float, -1.0)
-    return Pricing(
-        p.get("input_per_mtok", float, 0.0),
-        p.get("output_per_mtok", float, 0.0),
-        None if cached < 0 else cached,
-        None if image < 0 else image,
-    )
+def _target(r: _Reader, provider_names: set[str]) -> TargetConfig:
+    r.known(*TargetConfig.__slots__)
+    target = _build(r, TargetConfig, limits=_optional(_limits))
+    if target.provider and target.provider not in provider_names:
+        r.problem("provider", f"unknown provider {target.provider!r}")
+    return target
+
+
+def _context_window(r: _Reader, key: str) -> int | None:
+    """Left out: no limit; set, at least 1."""
+    window = r.get(key, int, 0)
+    if r.data.get(key) not in (None, "") and window < 1:
+        r.problem(key, "must be at least 1 (omit it for no limit)")
+    return window or None
+
+
+def _pricing(r: _Reader) -> Pricing:
+    r.known(*Pricing.__slots__)
+    return _build(r, Pricing)
 
 
 def _capabilities(r: _Reader) -> CapabilitiesConfig:
-    r.known("max_output_tokens", "strengths", "use_cases", "multimodal")
-    none_i: int | None = None
-    none_b: bool | None = None
-    caps = CapabilitiesConfig(
-        max_output_tokens=r.get("max_output_tokens", int, none_i),
-        strengths=r.strings("strengths"),
-        use_cases=r.strings("use_cases"),
-        multimodal=r.get("multimodal", bool, none_b),
-    )
-    if caps.max_output_tokens is not None and caps.max_output_tokens < 1:
-        r.problem("max_output_tokens", "must be at least 1 (omit it to use the shipped default)")
+    r.known(*CapabilitiesConfig.__slots__)
+    caps = _build(r, CapabilitiesConfig)
+    _at_least_one(r, "max_output_tokens", caps.max_output_tokens, "to use the shipped default")
     return caps
 
 
-def _window_fallbacks(r: _Reader, models: list[ModelConfig]) -> None:
+def _model_cache(r: _Reader) -> ModelCacheConfig:
+    r.known(*ModelCacheConfig.__slots__)
+    return _build(r, ModelCacheConfig)
+
+
+def _window_fallbacks(r: _Reader, models: tuple[ModelConfig, ...]) -> None:
     """``context_window_fallback`` names another model, and following the chain never loops."""
     by_name = {m.name: m for m in models}
     for i, model in enumerate(models):
@@ -320,15 +463,29 @@ def _window_fallbacks(r: _Reader, models: list[ModelConfig]) -> None:
             name = by_name[name].context_window_fallback
 
 
-def _limits(r: _Reader) -> Limits:
-    r.known("rpm", "tpm", "max_parallel")
-    none: int | None = None
-    limits = Limits(r.get("rpm", int, none), r.get("tpm", int, none), r.get("max_parallel", int, none))
-    for name in ("rpm", "tpm", "max_parallel"):
-        value = getattr(limits, name)
-        if value is not None and value < 1:
-            r.problem(name, "must be at least 1 (omit it for no limit)")
-    return limits
+def _target_limits_agree(r: _Reader, models: tuple[ModelConfig, ...]) -> None:
+    """A target's limits belong to its upstream (provider, model), shared by every model routing there."""
+    seen: dict[tuple[str, str], Limits] = {}
+    for model in models:
+        for t in model.targets:
+            if t.limits is None:
+                continue
+            first = seen.setdefault((t.provider, t.model), t.limits)
+            if first != t.limits:
+                r.problem(
+                    "models",
+                    f"target {t.provider}/{t.model} has different limits in different models; "
+                    "they share one upstream, so give them the same limits (or set them once)",
+                )
+
+
+# --- teams[] ---------------------------------------------------------------------------------------------
+
+
+def _teams(root: _Reader, model_names: set[str]) -> tuple[TeamConfig, ...]:
+    teams = tuple(_team(t, model_names) for t in root.items("teams"))
+    _unique(root, "teams", [t.id for t in teams])
+    return teams
 
 
 def parse_team(data: Any, model_names: set[str], *, path: str = "", with_keys: bool = False) -> TeamConfig:
@@ -344,7 +501,26 @@ def parse_team(data: Any, model_names: set[str], *, path: str = "", with_keys: b
 
 
 def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
+    # TeamConfig's fields, but that the key api_keys gives key_hashes (``_api_keys``).
     r.known("id", "api_keys", "models", "limits", "budgets", "model_limits")
+    team = _build(
+        r,
+        TeamConfig,
+        key_hashes=_api_keys,
+        limits=_child(_limits),
+        budgets=_child(_budgets),
+        model_limits=lambda r, key: _model_limits(r.child(key), model_names),
+    )
+    if team.id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", team.id):
+        r.problem("id", "must be 1-64 letters, digits, '.', '_' or '-'")
+    for m in team.models or ():
+        if m not in model_names:
+            r.problem("models", f"unknown model {m!r}")
+    return team
+
+
+def _api_keys(r: _Reader, _field: str) -> tuple[str, ...]:
+    """TeamConfig.key_hashes from the key ``api_keys``: plaintext keys hashed, ``sha256:<hex>`` as given."""
     hashes = []
     for i, key in enumerate(r.strings("api_keys") or ()):
         if key.startswith("sha256:"):
@@ -354,133 +530,138 @@ def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
             hashes.append(digest)
         elif key:
             hashes.append(hash_key(key))
-    models = r.strings("models")
-    for m in models or ():
+    return tuple(hashes)
+
+
+def _model_limits(r: _Reader, model_names: set[str]) -> dict[str, Limits]:
+    """``model_limits``: a model name to its limits."""
+    limits = {}
+    for m in r.data:
         if m not in model_names:
-            r.problem("models", f"unknown model {m!r}")
-    per_model = {}
-    ml = r.child("model_limits")
-    for m in ml.data:
-        if m not in model_names:
-            ml.problem(str(m), "unknown model")
-        per_model[str(m)] = _limits(ml.child(str(m)))
-    bud = r.child("budgets")
-    bud.known("daily_usd", "monthly_usd", "daily_tokens", "monthly_tokens")
-    none_i: int | None = None
-    none_f: float | None = None
-    team_id = r.get("id", str, "", required=True)
-    if team_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", team_id):
-        r.problem("id", "must be 1-64 letters, digits, '.', '_' or '-'")
-    return TeamConfig(
-        id=team_id,
-        key_hashes=tuple(hashes),
-        models=models,
-        limits=_limits(r.child("limits")),
-        model_limits=per_model,
-        budgets=Budgets(
-            bud.get("daily_usd", float, none_f),
-            bud.get("monthly_usd", float, none_f),
-            bud.get("daily_tokens", int, none_i),
-            bud.get("monthly_tokens", int, none_i),
-        ),
-    )
+            r.problem(str(m), "unknown model")
+        limits[str(m)] = _limits(r.child(str(m)))
+    return limits
+
+
+def _budgets(r: _Reader) -> Budgets:
+    r.known(*Budgets.__slots__)
+    return _build(r, Budgets)
+
+
+# --- routing, redis, cache -------------------------------------------------------------------------------
 
 
 def _routing(r: _Reader, provider_names: set[str]) -> RoutingConfig:
-    r.known(
-        "retries",
-        "backoff_seconds",
-        "max_backoff_seconds",
-        "retry_after_cap_seconds",
-        "circuit_breaker",
-        "retry_budget",
-        "unconfigured_provider",
+    r.known(*RoutingConfig.__slots__)
+    routing = _build(
+        r, RoutingConfig, circuit_breaker=_child(_circuit_breaker), retry_budget=_child(_retry_budget)
     )
-    rb = r.child("retry_budget")
-    rb.known("percent", "min_concurrency")
-    budget = RetryBudgetConfig(rb.get("percent", float, 20.0), rb.get("min_concurrency", int, 3))
-    if budget.percent > 100:
-        rb.problem("percent", "must be at most 100")
-    cb = r.child("circuit_breaker")
-    cb.known("failures", "cooldown_seconds")
-    breaker = CircuitBreakerConfig(cb.get("failures", int, 5), cb.get("cooldown_seconds", float, 30.0))
-    _positive(cb, "failures", breaker.failures)
-    fallback = r.get("unconfigured_provider", str, "") or None
+    fallback = routing.unconfigured_provider
     if fallback and fallback not in provider_names:
         r.problem("unconfigured_provider", f"unknown provider {fallback!r}")
-    return RoutingConfig(
-        retries=r.get("retries", int, 1),
-        backoff_seconds=r.get("backoff_seconds", float, 0.2),
-        max_backoff_seconds=r.get("max_backoff_seconds", float, 5.0),
-        retry_after_cap_seconds=r.get("retry_after_cap_seconds", float, 10.0),
-        circuit_breaker=breaker,
-        retry_budget=budget,
-        unconfigured_provider=fallback,
-    )
+    return routing
 
 
-def _scalars(r: _Reader, defaults: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    """Each named field of a config section, read with the type and default of ``defaults``'s field:
-    a key is named once, in its dataclass."""
-    return {name: r.get(name, type(getattr(defaults, name)), getattr(defaults, name)) for name in names}
+def _circuit_breaker(r: _Reader) -> CircuitBreakerConfig:
+    r.known(*CircuitBreakerConfig.__slots__)
+    breaker = _build(r, CircuitBreakerConfig)
+    _positive(r, "failures", breaker.failures)
+    return breaker
 
 
-def _graphql(r: _Reader) -> GraphQLConfig:
-    r.known(*GraphQLConfig.__slots__)
-    config = GraphQLConfig(**_scalars(r, GraphQLConfig(), GraphQLConfig.__slots__))
-    for name in GraphQLConfig.__slots__:
-        value = getattr(config, name)
-        if not isinstance(value, bool) and value <= 0:
-            r.problem(name, "must be greater than 0")
-    return config
+def _retry_budget(r: _Reader) -> RetryBudgetConfig:
+    r.known(*RetryBudgetConfig.__slots__)
+    budget = _build(r, RetryBudgetConfig)
+    if budget.percent > 100:
+        r.problem("percent", "must be at most 100")
+    return budget
+
+
+def _redis(r: _Reader) -> RedisConfig | None:
+    r.known(*RedisConfig.__slots__)
+    if r.data.get("url") in (None, ""):
+        return None  # no Redis: the state is in memory
+    redis = _build(r, RedisConfig)
+    problem = _redis_url_problem(redis)
+    if problem is not None:
+        r.problem("url", problem)
+    return redis
+
+
+def _redis_url_problem(redis: RedisConfig) -> str | None:
+    """What would make the store fail at start-up or on every connect (never echoing the URL: it may
+    hold a password)."""
+    if not redis.url.startswith(("redis://", "rediss://", "unix://")):
+        return "must start with redis://, rediss:// or unix://"
+    try:
+        parts = urlsplit(redis.url)
+        parts.port  # noqa: B018 - a port that is not a number in 0-65535 raises here
+    except ValueError:
+        return "is not a valid URL (check the host, and the port: a number from 0 to 65535)"
+    db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if db and not db.isdigit():
+        return "the database (the URL's path) must be a number, e.g. redis://host:6379/0"
+    if redis.cluster and parts.scheme == "unix":
+        return "a Redis Cluster is reached over TCP: use redis:// or rediss://"
+    if redis.cluster and db not in ("", "0"):
+        return "a Redis Cluster has only database 0"
+    return None
+
+
+def _cache(r: _Reader) -> CacheConfig:
+    r.known(*CacheConfig.__slots__)
+    return _build(r, CacheConfig)
+
+
+# --- auth, admin -----------------------------------------------------------------------------------------
+
+
+def _auth(r: _Reader) -> dict[str, Any]:
+    """``auth``: the fields Config.jwt and Config.auth_max_stale_seconds."""
+    r.known("jwt", "max_stale_seconds")
+    return {
+        "jwt": _jwt(r.child("jwt")),
+        "auth_max_stale_seconds": _scalar(r, Config, "auth_max_stale_seconds", "max_stale_seconds"),
+    }
+
+
+def _admin(r: _Reader) -> dict[str, Any]:
+    """``admin``: the field Config.master_key_hash, from the key master_key."""
+    r.known("master_key")
+    master = r.get("master_key", str, "")
+    return {"master_key_hash": hash_key(master) if master else None}
 
 
 def _jwt(r: _Reader) -> JwtConfig | None:
     if not r.data:
         return None
-    r.known(
-        "algorithms",
-        "secret",
-        "public_key_file",
-        "jwks_url",
-        "jwks_refresh_seconds",
-        "audience",
-        "issuer",
-        "team_claim",
-    )
-    algorithms = r.strings("algorithms") or ()
-    if not algorithms:
-        r.problem("algorithms", "is required (a list such as [RS256])")
-    for alg in algorithms:
-        if alg.lower() == "none":
-            r.problem("algorithms", '"none" is never allowed')
-        elif not re.fullmatch(r"(HS|RS|ES|PS)(256|384|512)|EdDSA", alg):
-            r.problem("algorithms", f"unsupported algorithm {alg!r}")
-    secret = r.get("secret", str, "") or None
-    key_file = r.get("public_key_file", str, "") or None
-    jwks_url = r.get("jwks_url", str, "") or None
-    jwks_refresh = r.get("jwks_refresh_seconds", float, 300.0)
-    _positive(r, "jwks_refresh_seconds", jwks_refresh)
-    if any(a.startswith("HS") for a in algorithms) and not secret:
+    r.known(*JwtConfig.__slots__)
+    jwt = _build(r, JwtConfig, algorithms=_algorithms)
+    _positive(r, "jwks_refresh_seconds", jwt.jwks_refresh_seconds)
+    if any(a.startswith("HS") for a in jwt.algorithms) and not jwt.secret:
         r.problem("secret", "is required for HS* algorithms")
+    key_file, jwks_url = jwt.public_key_file, jwt.jwks_url
     if key_file and jwks_url:
         r.problem("jwks_url", "set either public_key_file or jwks_url, not both")
-    elif any(not a.startswith("HS") for a in algorithms) and not key_file and not jwks_url:
+    elif any(not a.startswith("HS") for a in jwt.algorithms) and not key_file and not jwks_url:
         r.problem("public_key_file", "is required for RS*/ES*/PS*/EdDSA algorithms (or set jwks_url)")
     if key_file and not Path(key_file).is_file():
         r.problem("public_key_file", f"no such file: {key_file}")
     if jwks_url:
         _jwks_url(r, jwks_url)
-    return JwtConfig(
-        algorithms=algorithms,
-        audience=r.get("audience", str, "", required=True),
-        issuer=r.get("issuer", str, "", required=True),
-        team_claim=r.get("team_claim", str, "team"),
-        secret=secret,
-        public_key_file=key_file,
-        jwks_url=jwks_url,
-        jwks_refresh_seconds=jwks_refresh,
-    )
+    return jwt
+
+
+def _algorithms(r: _Reader, key: str) -> tuple[str, ...]:
+    algorithms = r.strings(key) or ()
+    if not algorithms:
+        r.problem(key, "is required (a list such as [RS256])")
+    for alg in algorithms:
+        if alg.lower() == "none":
+            r.problem(key, '"none" is never allowed')
+        elif not re.fullmatch(r"(HS|RS|ES|PS)(256|384|512)|EdDSA", alg):
+            r.problem(key, f"unsupported algorithm {alg!r}")
+    return algorithms
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -503,172 +684,26 @@ def _jwks_url(r: _Reader, url: str) -> None:
         r.problem("jwks_url", "must use https:// (plain http:// only to a loopback address)")
 
 
-def _target_limits_agree(r: _Reader, models: list[ModelConfig]) -> None:
-    """A target's limits belong to its upstream (provider, model), shared by every model routing there."""
-    seen: dict[tuple[str, str], Limits] = {}
-    for model in models:
-        for t in model.targets:
-            if t.limits is None:
-                continue
-            first = seen.setdefault((t.provider, t.model), t.limits)
-            if first != t.limits:
-                r.problem(
-                    "models",
-                    f"target {t.provider}/{t.model} has different limits in different models; "
-                    "they share one upstream, so give them the same limits (or set them once)",
-                )
+# --- health, metrics, rate_limiting, plugins, graphql ----------------------------------------------------
 
 
-def _unique(r: _Reader, what: str, names: list[str]) -> None:
-    seen: set[str] = set()
-    for n in names:
-        if n and n in seen:
-            r.problem(what, f"duplicate name {n!r}")
-        seen.add(n)
+def _health(r: _Reader) -> HealthConfig:
+    r.known(*HealthConfig.__slots__)
+    return _all_positive(r, _build(r, HealthConfig))
 
 
-def _redis_url_problem(url: str) -> str | None:
-    """What would make the store fail at start-up or on every connect (never echoing the URL: it may
-    hold a password)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - a port that is not a number in 0-65535 raises here
-    except ValueError:
-        return "is not a valid URL (check the host, and the port: a number from 0 to 65535)"
-    db = parts.path.strip("/") if parts.scheme != "unix" else ""
-    if db and not db.isdigit():
-        return "the database (the URL's path) must be a number, e.g. redis://host:6379/0"
-    return None
+def _metrics(r: _Reader) -> MetricsConfig:
+    r.known(*MetricsConfig.__slots__)
+    return _build(r, MetricsConfig)
 
 
-def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
-    """Validate a parsed YAML document; raise ConfigError listing every problem."""
-    problems: list[str] = []
-    data = interpolate(raw, os.environ if env is None else env, "", problems)
-    root = _Reader(data, "", problems)
-    root.known(
-        "health",
-        "metrics",
-        "rate_limiting",
-        "server",
-        "redis",
-        "providers",
-        "models",
-        "teams",
-        "routing",
-        "cache",
-        "auth",
-        "admin",
-        "plugins",
-        "graphql",
-    )
+def _rate_limiting(r: _Reader) -> RateLimitingConfig:
+    r.known(*RateLimitingConfig.__slots__)
+    return _build(r, RateLimitingConfig)
 
-    s = root.child("server")
-    s.known(*ServerConfig.__slots__)
-    origins = s.strings("cors_origins") or ()
-    for origin in origins:
-        # SECURITY: exact origins only (scheme://host[:port]); "*" would let any site use a key a
-        # browser holds, and a path or trailing slash never matches a browser's Origin header.
-        if not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?", origin):
-            s.problem("cors_origins", f"{origin!r} is not an origin like https://app.example.com")
-    scalars = tuple(name for name in ServerConfig.__slots__ if name != "cors_origins")
-    server = ServerConfig(**_scalars(s, ServerConfig(), scalars), cors_origins=tuple(origins))
-    if not 0 <= server.port <= 65535:
-        s.problem("port", "must be between 0 and 65535")
-    for name in ("head_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
-        _positive(s, name, getattr(server, name))
-    _positive(s, "max_connections", server.max_connections)
 
-    providers = [_provider(p) for p in root.items("providers")]
-    if not providers:
-        root.problem("providers", "needs at least one provider")
-    _unique(root, "providers", [p.name for p in providers])
-    provider_names = {p.name for p in providers}
-
-    models = [_model(m, provider_names) for m in root.items("models")]
-    if not models:
-        root.problem("models", "needs at least one model")
-    _unique(root, "models", [m.name for m in models])
-    _target_limits_agree(root, models)
-    _window_fallbacks(root, models)
-    model_names = {m.name for m in models}
-
-    teams = [_team(t, model_names) for t in root.items("teams")]
-    _unique(root, "teams", [t.id for t in teams])
-
-    routing = _routing(root.child("routing"), provider_names)
-
-    redis = None
-    rc = root.child("redis")
-    rc.known("url", "prefix", "timeout_seconds", "fail_open_limits", "fail_open_budgets", "cluster")
-    if rc.get("url", str, ""):
-        redis = RedisConfig(
-            url=rc.get("url", str, ""),
-            prefix=rc.get("prefix", str, "llmgw"),
-            timeout_seconds=rc.get("timeout_seconds", float, 0.5),
-            fail_open_limits=rc.get("fail_open_limits", bool, True),
-            fail_open_budgets=rc.get("fail_open_budgets", bool, False),
-            cluster=rc.get("cluster", bool, False),
-        )
-        if not redis.url.startswith(("redis://", "rediss://", "unix://")):
-            rc.problem("url", "must start with redis://, rediss:// or unix://")
-        elif (problem := _redis_url_problem(redis.url)) is not None:
-            rc.problem("url", problem)
-        elif redis.cluster and redis.url.startswith("unix://"):
-            rc.problem("url", "a Redis Cluster is reached over TCP: use redis:// or rediss://")
-        elif redis.cluster and urlsplit(redis.url).path.strip("/") not in ("", "0"):
-            rc.problem("url", "a Redis Cluster has only database 0")
-
-    c = root.child("cache")
-    c.known(
-        "enabled",
-        "ttl_seconds",
-        "max_ttl_seconds",
-        "deterministic_only",
-        "max_entry_bytes",
-        "max_memory_bytes",
-        "shared",
-        "coalesce",
-        "coalesce_timeout_seconds",
-    )
-    d = CacheConfig()
-    cache = CacheConfig(
-        enabled=c.get("enabled", bool, d.enabled),
-        ttl_seconds=c.get("ttl_seconds", int, d.ttl_seconds),
-        max_ttl_seconds=c.get("max_ttl_seconds", int, d.max_ttl_seconds),
-        deterministic_only=c.get("deterministic_only", bool, d.deterministic_only),
-        max_entry_bytes=c.get("max_entry_bytes", int, d.max_entry_bytes),
-        max_memory_bytes=c.get("max_memory_bytes", int, d.max_memory_bytes),
-        shared=c.get("shared", bool, d.shared),
-        coalesce=c.get("coalesce", bool, d.coalesce),
-        coalesce_timeout_seconds=c.get("coalesce_timeout_seconds", float, d.coalesce_timeout_seconds),
-    )
-
-    a = root.child("auth")
-    a.known("jwt", "max_stale_seconds")
-    jwt = _jwt(a.child("jwt"))
-    max_stale = a.get("max_stale_seconds", float, 30.0)
-
-    adm = root.child("admin")
-    adm.known("master_key")
-    master = adm.get("master_key", str, "")
-
-    hc = root.child("health")
-    hc.known("interval_seconds", "timeout_seconds")
-    health = HealthConfig(hc.get("interval_seconds", float, 15.0), hc.get("timeout_seconds", float, 5.0))
-    _positive(hc, "interval_seconds", health.interval_seconds)
-    _positive(hc, "timeout_seconds", health.timeout_seconds)
-    mc = root.child("metrics")
-    mc.known("bearer_token")
-    metrics = MetricsConfig(mc.get("bearer_token", str, "") or None)
-
-    rl = root.child("rate_limiting")
-    rl.known("default_max_tokens")
-    rate_limiting = RateLimitingConfig(rl.get("default_max_tokens", int, 1024))
-
-    plugins = root.strings("plugins")
-    if plugins is None:
-        plugins = DEFAULT_PLUGINS
+def _plugins(root: _Reader) -> tuple[str, ...]:
+    plugins: tuple[str, ...] = _scalar(root, Config, "plugins")
     auth_at = plugins.index("auth") if "auth" in plugins else None
     for i, name in enumerate(plugins):
         need = PLUGIN_NEEDS_IDENTITY.get(name)
@@ -688,27 +723,25 @@ def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory
             )
     if len(set(plugins)) != len(plugins):
         root.problem("plugins", "lists a plugin twice")
+    return plugins
 
+
+def _graphql(r: _Reader) -> GraphQLConfig:
+    r.known(*GraphQLConfig.__slots__)
+    return _all_positive(r, _build(r, GraphQLConfig))
+
+
+# --- the entry points ------------------------------------------------------------------------------------
+
+
+def parse(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    data = interpolate(raw, os.environ if env is None else env, "", problems)
+    config = _config(_Reader(data, "", problems), source)
     if problems:
         raise ConfigError(problems)
-    return Config(
-        server=server,
-        providers=tuple(providers),
-        models=tuple(models),
-        teams=tuple(teams),
-        routing=routing,
-        redis=redis,
-        cache=cache,
-        jwt=jwt,
-        auth_max_stale_seconds=max_stale,
-        master_key_hash=hash_key(master) if master else None,
-        plugins=plugins,
-        rate_limiting=rate_limiting,
-        health=health,
-        metrics=metrics,
-        graphql=_graphql(root.child("graphql")),
-        source=source,
-    )
+    return config
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

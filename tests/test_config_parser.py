@@ -191,6 +191,62 @@ def test_single_problems(raw: Any, problem: str) -> None:
     assert any(p.startswith(problem) for p in problems_of(raw)), problem
 
 
+def test_graphql_settings_are_validated() -> None:
+    problems = problems_of(minimal(graphql={"max_depth": 0, "max_aliases": "many", "colour": "red"}))
+    assert [p.split(" (")[0] for p in problems] == [
+        "graphql.colour: unknown key",
+        "graphql.max_aliases: must be int, got str",
+        "graphql.max_depth: must be greater than 0",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (
+            minimal(colour=1),
+            "colour: unknown key (expected one of: health, metrics, rate_limiting, server, redis, providers, "
+            "models, teams, routing, cache, auth, admin, plugins, graphql)",
+        ),
+        (
+            minimal(models=[{"name": "chat", "colour": 1, "targets": [{"provider": "p", "model": "m"}]}]),
+            "models[0].colour: unknown key (expected one of: name, targets, pricing, context_window, "
+            "context_window_fallback, capabilities, cache, allow_fields)",
+        ),
+        (
+            minimal(teams=[{"id": "t", "colour": 1}]),
+            "teams[0].colour: unknown key "
+            "(expected one of: id, api_keys, models, limits, budgets, model_limits)",
+        ),
+        (
+            minimal(auth={"colour": 1}),
+            "auth.colour: unknown key (expected one of: jwt, max_stale_seconds)",
+        ),
+        (
+            minimal(
+                auth={
+                    "jwt": {
+                        "algorithms": ["HS256"],
+                        "secret": "s",
+                        "audience": "a",
+                        "issuer": "i",
+                        "colour": 1,
+                    }
+                }
+            ),
+            "auth.jwt.colour: unknown key (expected one of: algorithms, secret, public_key_file, jwks_url, "
+            "jwks_refresh_seconds, audience, issuer, team_claim)",
+        ),
+        (
+            minimal(routing={"retry_budget": {"colour": 1}}),
+            "routing.retry_budget.colour: unknown key (expected one of: percent, min_concurrency)",
+        ),
+    ],
+)
+def test_an_unknown_key_is_reported_with_the_keys_its_section_takes(raw: Any, problem: str) -> None:
+    assert problems_of(raw) == [problem]
+
+
 SHARED, NO_ONE = "every caller would share one namespace", "it binds no one"
 
 
