@@ -11,10 +11,11 @@ CPU per request, the pipe a few µs. Everything off the hot path uses redis-py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,15 +265,21 @@ class RedisStore:
 
     # -- reads and the directory (admin paths, not per request) -------------------------------
     async def _call(self, operation: str, method: str, *args: Any) -> Any:
+        with self._translated(operation):
+            return await getattr(self.client, method)(*args)
+
+    @contextlib.contextmanager
+    def _translated(self, operation: str) -> Iterator[None]:
+        """The one translation of redis-py's errors (the admin and read paths; the hot path's pipe
+        raises the store's own): an error reply is a refused call, anything else an outage."""
         try:
-            result = await getattr(self.client, method)(*args)
-        except ResponseError:
-            raise
+            yield
+        except ResponseError as exc:
+            raise StoreScriptError(f"redis refused the {operation}: {str(exc)[:200]}") from None
         except (RedisError, OSError) as exc:
             self.outage.failure(operation, exc)
             raise StoreUnavailable(type(exc).__name__) from None
         self.outage.success()
-        return result
 
     async def counter(self, key: str) -> float:
         value = await self._call("read", "get", key)
@@ -285,14 +292,8 @@ class RedisStore:
         # lacks it; on a cluster it sends it to the master of the keys' shared hash tag.
         if not keys:
             return []
-        try:
+        with self._translated("read"):
             replies = await self._usage(keys=list(keys))
-        except ResponseError:
-            raise
-        except (RedisError, OSError) as exc:
-            self.outage.failure("read", exc)
-            raise StoreUnavailable(type(exc).__name__) from None
-        self.outage.success()
         return [
             dict(zip(map(bytes.decode, pairs[::2]), map(float, pairs[1::2]), strict=True))
             for pairs in replies
