@@ -2,7 +2,8 @@
 
 ``make_gateway(cfg)`` builds a gateway from a config dict (see ``base_config``) and starts it on a
 free port; ``gw.client()`` is an ``openai.AsyncOpenAI`` pointed at it. Log lines written while a
-test runs are captured in ``gw.logs`` (a BytesIO of JSON lines).
+test runs are captured in ``gw.logs`` (a BytesIO of JSON lines). ``private_redis`` is a started
+``tests.helpers.PrivateRedis``; the helpers a test calls itself are in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from gateway.protocol import GatewayRunner
 from gateway.providers import mock
 from gateway.runtime import GATEWAY, Gateway
 from gateway.server import build_app
+from tests.helpers import PrivateRedis, openai_client, openai_sync_client
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROVIDER_KEY = "sk-provider-secret-0123456789abcdef"
@@ -84,12 +84,12 @@ class RunningGateway:
 
     def client(self, api_key: str = "client-key", **kw: Any) -> openai.AsyncOpenAI:
         """An async SDK client for this gateway (closed when the test ends)."""
-        client = openai.AsyncOpenAI(base_url=self.url, api_key=api_key, max_retries=0, **kw)
+        client = openai_client(self.url, api_key, **kw)
         self.clients.append(client)
         return client
 
     def sync_client(self, api_key: str = "client-key", **kw: Any) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, **kw)
+        client = openai_sync_client(self.url, api_key, **kw)
         self.clients.append(client)
         return client
 
@@ -192,57 +192,9 @@ async def gw(upstream: Upstream, make_gateway: Callable[..., Awaitable[RunningGa
     return await make_gateway(base_config(upstream.url))
 
 
-class PrivateRedis:
-    """A redis-server of the test's own on a free loopback port, which the test may kill and start
-    again; with ``persistent`` it comes back with its data (append-only file, fsync always)."""
-
-    def __init__(self, workdir: Any, persistent: bool = False) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.workdir = str(workdir)
-        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis as sync_redis
-
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += self.persistence or ["--appendonly", "no"]
-        self.proc = subprocess.Popen(
-            ["redis-server", *args, "--dir", self.workdir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = sync_redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    client.ping()
-                    return
-                except sync_redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture
 def private_redis(tmp_path: Any) -> Iterator[PrivateRedis]:
+    """A started redis-server of the test's own (killed when the test ends)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     server = PrivateRedis(tmp_path)

@@ -1,26 +1,80 @@
-"""Helpers shared by the tests (more of them move here with issue #13)."""
+"""The project's testing API: helpers any test may import (``from tests.helpers import ...``).
+
+Fixtures stay in ``tests/conftest.py`` (the mock upstream, ``make_gateway``, ``gw``, ``private_redis``);
+what a test calls itself lives here:
+
+``free_port() -> int``
+    A loopback TCP port that nothing listens on right now: for a server the test starts itself, or
+    as an address where nobody answers (a dead upstream, Redis down).
+``eventually(check, within=2.0, interval=0.01, message=None)``
+    Poll ``check`` (sync, or async) until it gives something truthy and return that value; an
+    ``AssertionError`` (with ``message``, if given) after ``within`` seconds.
+``openai_client(base_url, api_key, **kw) -> openai.AsyncOpenAI`` and ``openai_sync_client(...)``
+    SDK clients as the tests use them: no SDK retries (``max_retries=0``), so every request the test
+    makes is exactly one request to the gateway. The caller closes them (``RunningGateway.client()``
+    in conftest builds one for a test gateway and closes it when the test ends).
+``raw_request(root, method, path, headers, body=None)``
+    One HTTP/1.1 request written byte for byte, for what HTTP clients will not send.
+``PrivateRedis(workdir, persistent=False)``
+    A redis-server of the test's own on a free port, to kill and start again (the ``private_redis``
+    fixture gives a started one, skipping the test without ``redis-server``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import openai
 import orjson
+from aiohttp import web
 
 
-async def eventually(check: Callable[[], Any], within: float = 2.0) -> Any:
-    """Poll ``check`` until it returns something truthy (or fail after ``within`` seconds)."""
+def free_port() -> int:
+    """A free loopback port (bound once and released: nothing listens on it when this returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def eventually(
+    check: Callable[[], Any],
+    within: float = 2.0,
+    interval: float = 0.01,
+    message: str | Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``check`` every ``interval`` seconds until it returns something truthy and return that
+    (or fail after ``within`` seconds). ``check`` may be async: what it returns is awaited first.
+    ``message`` (or what it returns, computed at the failure) is the failure's message."""
     deadline = time.monotonic() + within
     while True:
         value = check()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.01)
+            if message is None:
+                raise AssertionError(f"condition not met within {within} s")
+            raise AssertionError(message() if callable(message) else message)
+        await asyncio.sleep(interval)
+
+
+def openai_client(base_url: str, api_key: str, *, max_retries: int = 0, **kw: Any) -> openai.AsyncOpenAI:
+    """An async OpenAI SDK client for ``base_url`` (a ``.../v1`` URL) that does not retry;
+    ``kw`` goes to ``openai.AsyncOpenAI`` (``timeout=``, ``default_headers=`` ...)."""
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries, **kw)
+
+
+def openai_sync_client(base_url: str, api_key: str, *, max_retries: int = 0, **kw: Any) -> openai.OpenAI:
+    """The blocking ``openai.OpenAI`` counterpart of ``openai_client``."""
+    return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries, **kw)
 
 
 async def raw_request(
@@ -44,3 +98,62 @@ async def raw_request(
     head, _, content = raw.partition(b"\r\n\r\n")
     assert b"chunked" not in head.lower(), head  # every answer read here has a Content-Length
     return int(head.split(b" ", 2)[1]), orjson.loads(content) if content else None
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free loopback port, which the test may kill and start
+    again; with ``persistent`` it comes back with its data (append-only file, fsync always)."""
+
+    def __init__(self, workdir: Any, persistent: bool = False) -> None:
+        self.port = free_port()
+        self.workdir = str(workdir)
+        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start redis-server (again) on the same port and wait until it answers PING (5 s at most)."""
+        import redis as sync_redis
+
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += self.persistence or ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            ["redis-server", *args, "--dir", self.workdir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = sync_redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    client.ping()
+                    return
+                except sync_redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """Kill the server (SIGKILL: no shutdown, no final save) and reap it."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def echo_credentials_app() -> web.Application:
+    """A careless upstream that puts the credentials it got into its error message (a 400)."""
+
+    async def echo_credentials(request: web.Request) -> web.Response:
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return web.json_response({"error": {"message": f"bad key {key}", "type": "x"}}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", echo_credentials)
+    return app

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli import main
 from gateway.providers import mock
+from tests.helpers import eventually, free_port, openai_client
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDER_SECRET = "prov-cli-secret-9f8e7d6c5b4a"  # no sk- prefix: only the config's secret list masks it
@@ -57,12 +58,6 @@ def write_config(tmp_path: Path, cfg: dict[str, Any], name: str = "gateway.yaml"
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- check-config ----------------------------------------------------------------------------------------
@@ -202,7 +197,7 @@ class Served:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def client(self, api_key: str = CLIENT_SECRET) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=10)
+        return openai_client(self.url, api_key, timeout=10)
 
     def events(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.lines if line.strip()]
@@ -446,9 +441,8 @@ async def test_sigterm_drains_in_flight_stream_then_exits_0(
             if not signalled and "".join(parts):
                 served.proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
-                while not await connection_refused(served.port):  # no new connections while draining
-                    assert time.monotonic() - signalled < 3
-                    await asyncio.sleep(0.02)
+                # no new connections while draining
+                await eventually(lambda: connection_refused(served.port), within=3, interval=0.02)
     # the stream that was in flight when SIGTERM arrived was delivered whole
     assert "".join(parts) == f"Mock answer: {words}"
     assert finish[-1] == "stop"
@@ -467,10 +461,12 @@ async def test_workers_share_the_port_and_report_one_set_of_metrics(
     serve: Callable[..., Awaitable[Served]],
 ) -> None:
     served = await serve("--workers", "2")
-    deadline = time.monotonic() + 20
-    while sum(b'"gateway_started"' in line for line in served.lines) < 2:  # both workers listening
-        assert time.monotonic() < deadline, b"".join(served.lines).decode()
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: sum(b'"gateway_started"' in line for line in served.lines) >= 2,  # both workers listening
+        within=20,
+        interval=0.05,
+        message=lambda: b"".join(served.lines).decode(),
+    )
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     for _ in range(20):  # a new connection each time, so the kernel spreads them over the workers
         async with (

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.routing import CircuitBreaker
 from tests.conftest import PROVIDER_KEY, RunningGateway, Upstream, base_config
+from tests.helpers import echo_credentials_app, eventually, free_port
 
 SECOND_KEY = "sk-second-provider-secret-fedcba9876543210"
 ECHO_KEY = "echo-provider-key-5c1e9b2a7d"  # likewise: only the configured-secret list can mask it
@@ -106,19 +106,6 @@ def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
     return err
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
 def gaps(upstream: Upstream, model: str) -> list[float]:
     """Seconds between consecutive upstream calls for ``model``."""
     starts = [r.started for r in upstream.state.requests if r.model.split(":", 1)[0] == model]
@@ -163,7 +150,7 @@ async def test_healthy_first_target_answers_alone(
 async def test_connection_refused_falls_back(
     upstream: Upstream, make_gateway: MakeGateway, stream: bool
 ) -> None:
-    dead = f"http://127.0.0.1:{closed_port()}/v1"
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nobody listens there
     gw = await make_gateway(two_targets(upstream.url, primary_url=dead))
     started = time.monotonic()
     text, headers = await ask(gw.client(), stream)
@@ -186,7 +173,7 @@ async def test_first_byte_timeout_falls_back(
     assert 0.25 < elapsed < 2
     # the abandoned upstream call is hung up, not left running
     slow = next(r for r in upstream.state.requests if r.model.startswith("mock-a"))
-    await wait_for(lambda: slow.disconnected)
+    await eventually(lambda: slow.disconnected, within=3.0, interval=0.005)
 
 
 async def test_keepalive_comments_do_not_count_as_a_first_token(
@@ -369,7 +356,7 @@ async def test_a_retry_can_succeed_on_the_same_target(upstream: Upstream, make_g
 
 
 async def clear_fault_after(upstream: Upstream, model: str, calls: int) -> None:
-    await wait_for(lambda: upstream.state.calls(model) >= calls)
+    await eventually(lambda: upstream.state.calls(model) >= calls, within=3.0, interval=0.005)
     upstream.state.faults.pop(model, None)
 
 
@@ -452,7 +439,7 @@ async def test_half_open_circuit_lets_exactly_one_trial_through(
     await asyncio.sleep(0.25)
     upstream.state.faults["mock-a"] = {"first_byte_delay": 0.6, "status": 500}
     trial = asyncio.create_task(ask(client, False))
-    await wait_for(lambda: upstream.state.calls("mock-a") == 2)
+    await eventually(lambda: upstream.state.calls("mock-a") == 2, within=3.0, interval=0.005)
     # while the trial is in flight, others skip the target
     others = await asyncio.gather(*(ask(client, False) for _ in range(3)))
     assert [h["x-gateway-provider"] for _, h in others] == ["secondary"] * 3
@@ -593,14 +580,7 @@ async def test_upstream_redirects_are_never_followed(
 async def test_no_secret_in_any_error_body_or_log_line(
     upstream: Upstream, make_gateway: MakeGateway, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:
-    async def echo_credentials(request: web.Request) -> web.Response:
-        # a careless upstream that puts the credentials it got into its error message
-        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        return web.json_response({"error": {"message": f"bad key {key}", "type": "x"}}, status=400)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", echo_credentials)
-    echo = await aiohttp_server(app)
+    echo = await aiohttp_server(echo_credentials_app())
     cfg = two_targets(upstream.url, "mock-a:status=401", "mock-b:status=500")
     cfg["providers"].append(
         {"name": "echo", "type": "openai", "base_url": str(echo.make_url("/v1")), "api_key": ECHO_KEY}

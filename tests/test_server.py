@@ -12,6 +12,7 @@ from gateway.runtime import GATEWAY, Gateway
 from gateway.server import build_app
 from gateway.state.memory import MemoryStore
 from tests.conftest import Upstream, base_config
+from tests.helpers import echo_credentials_app
 
 
 class StoreThatFailsItsFirstProbe(MemoryStore):
@@ -67,13 +68,7 @@ async def test_an_embedded_app_masks_its_secrets_without_the_cli(aiohttp_server)
     what the client gets, even from an upstream that echoes it back."""
     key = "echo-provider-credential-7f3a9c51"
 
-    async def echo_credentials(request: web.Request) -> web.Response:
-        got = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        return web.json_response({"error": {"message": f"bad key {got}", "type": "x"}}, status=400)
-
-    echo_app = web.Application()
-    echo_app.router.add_post("/v1/chat/completions", echo_credentials)
-    echo = await aiohttp_server(echo_app)
+    echo = await aiohttp_server(echo_credentials_app())
     gw_logging.reset()  # a process that never configured the redactor
     cfg = base_config(str(echo.make_url("/v1")))
     cfg["providers"] = [

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
 
 from gateway.probes import Prober
-from tests.conftest import PrivateRedis, RunningGateway, Upstream, base_config
+from tests.conftest import RunningGateway, Upstream, base_config
+from tests.helpers import PrivateRedis, eventually
 
 
 async def _get(url: str) -> tuple[int, Any]:
@@ -68,7 +68,7 @@ async def test_ready_flips_with_redis_down_and_back(
     assert (await _get(gw.root + "/health/ready"))[0] == 200
 
     private_redis.kill()
-    assert await _eventually(lambda: _get(gw.root + "/health/ready"), 503)
+    await eventually(lambda: _ready_is(gw, 503), within=5.0, interval=0.05)
     _, detail = await _get(gw.root + "/api/v1/monitoring/health")
     assert detail["info"]["redis"] == {
         "status": "down",
@@ -77,18 +77,13 @@ async def test_ready_flips_with_redis_down_and_back(
     assert (await _get(gw.root + "/health/live"))[0] == 200  # alive, just not ready
 
     private_redis.start()
-    assert await _eventually(lambda: _get(gw.root + "/health/ready"), 200)
+    await eventually(lambda: _ready_is(gw, 200), within=5.0, interval=0.05)
     _, detail = await _get(gw.root + "/api/v1/monitoring/health")
     assert detail["info"]["redis"]["details"]["connection"] is True
 
 
-async def _eventually(probe: Any, status: int, timeout: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if (await probe())[0] == status:
-            return True
-        await asyncio.sleep(0.05)
-    return False
+async def _ready_is(gw: RunningGateway, status: int) -> bool:
+    return (await _get(gw.root + "/health/ready"))[0] == status
 
 
 async def test_health_is_not_probed_per_request(gw: RunningGateway) -> None:

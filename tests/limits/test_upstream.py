@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from gateway.context import RequestContext
 from tests.conftest import REDIS_URL, TEAM_KEY, RunningGateway, base_config, tenancy_config
+from tests.helpers import openai_client
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -74,7 +75,7 @@ async def test_all_targets_limited_is_a_429_with_retry_after(upstream, make_gate
     assert "requests per minute" in body["error"]["message"]
     assert 1 <= int(headers["Retry-After"]) <= 60
     assert upstream.state.calls("mock-chat") == 1
-    client = openai.AsyncOpenAI(base_url=gw.url, api_key=TEAM_KEY, max_retries=0)
+    client = openai_client(gw.url, TEAM_KEY)
     with pytest.raises(openai.RateLimitError):
         await client.chat.completions.create(model="chat", messages=MESSAGES)  # type: ignore[arg-type]
     await client.close()
@@ -94,7 +95,7 @@ async def test_parallel_slot_is_held_for_the_stream_and_then_freed(upstream, mak
     cfg = two_targets(upstream.url, first={"max_parallel": 1})
     cfg["models"][0]["targets"][0]["model"] = "mock-chat:chunks=4,chunk_delay=0.15"
     gw = await make_gateway(cfg)
-    client = openai.AsyncOpenAI(base_url=gw.url, api_key=TEAM_KEY, max_retries=0)
+    client = openai_client(gw.url, TEAM_KEY)
 
     async def stream() -> str:
         raw = await client.chat.completions.with_raw_response.create(

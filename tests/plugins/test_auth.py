@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
-from tests.helpers import raw_request
+from tests.helpers import eventually, free_port, raw_request
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "chat", "messages": MESSAGES}
@@ -575,15 +575,6 @@ async def test_hmac_with_the_public_key_is_refused_even_when_hs256_is_allowed(
 # --- JWT keys from a JWKS URL ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def jwk_of(private: Any, kid: str) -> dict[str, Any]:
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
     return {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
@@ -660,20 +651,8 @@ def jwks_gateway_config(upstream_url: str, url: str, refresh: float = 300) -> di
     )
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if asyncio.iscoroutine(value) else value
-
-
 def events(gw: RunningGateway, name: str) -> list[dict[str, Any]]:
     return [e for e in gw.log_lines() if e.get("event") == name]
-
-
-async def eventually(check: Any, timeout: float = 5.0) -> None:
-    """Wait until ``check()`` (sync or async) is true."""
-    deadline = time.monotonic() + timeout
-    while not await _maybe_await(check()):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_jwks_url_keys_verify_tokens_end_to_end(
@@ -747,7 +726,8 @@ async def test_jwks_redirect_is_not_followed(upstream, make_gateway, jwks_server
     status, body = await call(gw, "POST", "/v1/chat/completions", bearer(token), CHAT)
     assert status == 503, body
     assert_error(body, "service_unavailable", "jwks_unavailable")
-    await eventually(lambda: idp.hits >= 3)  # a few background refreshes: each one a refused redirect
+    # a few background refreshes: each one a refused redirect
+    await eventually(lambda: idp.hits >= 3, within=5.0, interval=0.05)
     assert await chat_status(gw, token) == 503
     assert target.hits == 0
     assert upstream.state.count == 0
@@ -772,7 +752,7 @@ async def test_jwks_server_down_at_start_up_is_503_until_it_comes_up(
     async def served() -> bool:
         return await chat_status(gw, token) == 200
 
-    await eventually(served)
+    await eventually(served, within=5.0, interval=0.05)
     assert [e["recovered"] for e in events(gw, "jwks_loaded")] == [True]
     assert token not in gw.logs.getvalue().decode()
 
@@ -795,7 +775,7 @@ async def test_failed_jwks_refresh_keeps_the_last_good_keys(
         if trouble == "down":
             await asyncio.sleep(0.35)  # a few refreshes, every one failing
         else:
-            await eventually(lambda seen=seen: idp.hits >= seen + 2)
+            await eventually(lambda seen=seen: idp.hits >= seen + 2, within=5.0, interval=0.05)
         assert await chat_status(gw, token) == 200, trouble
     assert len(events(gw, "jwks_refresh_failed")) == 1  # one streak, one line
     assert not events(gw, "jwks_loaded")[1:]  # only the start-up load

@@ -12,11 +12,11 @@ from tests.conftest import (
     MASTER_KEY,
     TEAM_B_KEY,
     TEAM_KEY,
-    PrivateRedis,
     RunningGateway,
     Upstream,
     tenancy_config,
 )
+from tests.helpers import PrivateRedis
 
 MESSAGES = [{"role": "user", "content": "cache me"}]
 

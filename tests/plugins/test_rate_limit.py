@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -16,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from gateway.limits.refusal import duration
 from tests.conftest import MASTER_KEY, REDIS_URL, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
+from tests.helpers import eventually
 
 
 async def test_rpm_exact_across_two_instances(upstream, make_gateway) -> None:
@@ -55,17 +55,6 @@ async def post(
         ) as r,
     ):
         return r.status, dict(r.headers), await r.json(content_type=None)
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float = 2.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
 
 
 async def usage_total(gw: RunningGateway, team: str = "team-a") -> dict[str, Any]:
@@ -199,10 +188,7 @@ async def test_max_parallel_refuses_the_third_concurrent_request_and_frees_slots
         asyncio.create_task(client.chat.completions.create(model="chat", messages=MESSAGES)) for _ in range(2)
     ]
 
-    async def both_upstream() -> bool:
-        return len(upstream.state.requests) == 2
-
-    await eventually(both_upstream)
+    await eventually(lambda: len(upstream.state.requests) == 2, interval=0.02)
     before = limited("team-a", "parallel")
     status, headers, body = await post(gw)
     assert status == 429
@@ -227,10 +213,7 @@ async def test_a_shared_request_id_cannot_bypass_max_parallel(upstream, make_gat
         asyncio.create_task(client.chat.completions.create(model="chat", messages=MESSAGES)) for _ in range(2)
     ]
 
-    async def both_upstream() -> bool:
-        return len(upstream.state.requests) == 2
-
-    await eventually(both_upstream)
+    await eventually(lambda: len(upstream.state.requests) == 2, interval=0.02)
     with pytest.raises(openai.RateLimitError):  # a third parallel request, whatever its x-request-id
         await client.chat.completions.create(model="chat", messages=MESSAGES)
     for reply in await asyncio.gather(*slow):
@@ -246,10 +229,7 @@ async def test_client_disconnect_mid_stream_releases_the_parallel_slot(upstream,
     assert (await post(gw))[0] == 429  # the stream holds the only slot
     await stream.close()
 
-    async def upstream_closed() -> bool:
-        return upstream.state.requests[0].ended is not None
-
-    await eventually(upstream_closed)
+    await eventually(lambda: upstream.state.requests[0].ended is not None, interval=0.02)
     await gw.gateway.pipeline.drain()
     upstream.state.faults.clear()
     assert (await post(gw))[0] == 200  # the slot was released, not leaked until it goes stale
@@ -350,10 +330,7 @@ async def test_client_disconnect_charges_partial_usage_and_refunds_the_rest(upst
         await stream.__anext__()
     await stream.close()
 
-    async def upstream_closed() -> bool:
-        return upstream.state.requests[0].ended is not None
-
-    await eventually(upstream_closed)
+    await eventually(lambda: upstream.state.requests[0].ended is not None, interval=0.02)
     total = await usage_total(gw)
     charged = total["prompt_tokens"] + total["completion_tokens"]
     assert total["completion_tokens"] >= 3  # what was relayed before the client left
@@ -399,10 +376,7 @@ async def test_reservations_never_leak_after_mixed_outcomes(upstream, make_gatew
         *(f() for f in (ok, ok, ok, streamed, streamed, failed, failed, abandoned, abandoned))
     )
 
-    async def all_upstream_done() -> bool:
-        return all(r.ended is not None for r in upstream.state.requests)
-
-    await eventually(all_upstream_done)
+    await eventually(lambda: all(r.ended is not None for r in upstream.state.requests), interval=0.02)
     total = await usage_total(gw)
     charged = total["prompt_tokens"] + total["completion_tokens"]
     assert 0 < charged < 1000  # nine requests reserved ~18 000 tokens; only the real usage stays taken

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ from prometheus_client import REGISTRY
 from gateway.limits.limiter import Limiter
 from gateway.state.base import Op, new_settle_id
 from gateway.state.redis import RedisStore
-from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, PrivateRedis, RunningGateway, tenancy_config
+from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
+from tests.helpers import PrivateRedis, eventually, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -115,10 +115,11 @@ async def test_redis_killed_and_restarted_mid_run(
     assert redis_log_events(gw) == ["redis_unavailable"]  # once per interval, not once per request
 
     private_redis.start()
-    restarted = time.monotonic()
-    while (await chat(gw, TEAM_B_KEY))[0] != 200:  # the local rpm bucket is spent: 200 means Redis
-        assert time.monotonic() - restarted < 3, "requests are not admitted from Redis again"
-        await asyncio.sleep(0.05)
+
+    async def admitted() -> bool:  # the local rpm bucket is spent: 200 means Redis
+        return (await chat(gw, TEAM_B_KEY))[0] == 200
+
+    await eventually(admitted, within=3, interval=0.05, message="requests are not admitted from Redis again")
     # The outage's spend was replayed: the stream's $4 is in team-a's books and closes its $3 budget.
     team_a = await usage(gw, "team-a")
     assert (team_a["requests"], team_a["cost_usd"], team_a["completion_tokens"]) == (1, 4.0, 3)
@@ -143,10 +144,11 @@ async def test_limits_fail_closed_when_configured(
         )
         assert "rate limits" in body["error"]["message"]
     private_redis.start()
-    deadline = time.monotonic() + 3
-    while (await chat(gw, TEAM_B_KEY))[0] != 200:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+
+    async def served() -> bool:
+        return (await chat(gw, TEAM_B_KEY))[0] == 200
+
+    await eventually(served, within=3, interval=0.05)
 
 
 async def test_budgets_may_fail_open_when_configured(
@@ -365,9 +367,7 @@ async def test_a_redis_that_is_not_ready_counts_as_unavailable_and_loses_nothing
 
 
 async def test_a_replay_pass_that_books_nothing_keeps_everything_and_waits_before_the_next() -> None:
-    with socket.socket() as s:  # a port nobody listens on: Redis is down
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on: Redis is down
     store = RedisStore(f"redis://127.0.0.1:{port}/0", "t-backoff", timeout=0.2)
     limiter = Limiter(store)
     entries = [(new_settle_id(), [Op("incr", "t-backoff:{team}:usd", (float(i), 60))]) for i in range(2500)]
