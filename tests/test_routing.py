@@ -20,8 +20,17 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.routing import CircuitBreaker
+from gateway import config_parser as config_mod
+from gateway.context import RequestContext
+from gateway.errors import RateLimited
+from gateway.limits.limiter import Limiter
+from gateway.limits.upstream import UpstreamLimits
+from gateway.providers import create
+from gateway.relay import unary_attempt
+from gateway.routing import CircuitBreaker, Router
+from gateway.state.memory import MemoryStore
 from tests.conftest import PROVIDER_KEY, RunningGateway, Upstream, base_config
 from tests.helpers import echo_credentials_app, eventually, free_port
 
@@ -710,3 +719,43 @@ async def test_retries_cancelled_in_their_backoff_give_their_budget_back(upstrea
     async with aiohttp.ClientSession() as session, session.post(gw.url + "/chat/completions", json=body) as r:
         assert r.status == 502
     assert upstream.state.calls("mock-chat") - before == 2  # the retry was still allowed
+
+
+async def test_the_router_runs_in_process_with_its_breakers_and_upstream_limits(upstream: Upstream) -> None:
+    """The router's seam is ``Router.run(ctx, attempt)`` and a provider's is ``Provider.post``: routing,
+    circuit breakers and the gateway-wide upstream limits work with no gateway app around them."""
+    cfg = two_targets(upstream.url, circuit_breaker={"failures": 1, "cooldown_seconds": 60})
+    cfg["providers"][1]["limits"] = {"max_parallel": 1}
+    config = config_mod.parse(cfg, env={})
+    providers = {p.name: create(p) for p in config.providers}
+    limiter = Limiter(MemoryStore())
+    router = Router(config, providers, upstream=UpstreamLimits(config, limiter, "inproc"))
+    for provider in providers.values():
+        await provider.start()
+    upstream.state.faults["mock-a"] = {"status": 500}
+
+    def request() -> RequestContext:
+        body = {"model": "chat", "messages": MESSAGES}
+        return RequestContext(
+            "req-1", "chat", body, router.routes["chat"].model, CIMultiDictProxy(CIMultiDict())
+        )
+
+    try:
+        first = request()
+        answer = await router.run(first, lambda t: unary_attempt(first, t, "/chat/completions"))
+        assert answer.parsed["choices"][0]["message"]["content"] == ANSWER
+        assert (first.provider, first.attempts) == ("secondary", 2)  # the 500 opened the primary's circuit
+        # The secondary's one parallel slot is still held by the first request (until it is settled):
+        # the primary is skipped (open circuit), the secondary is full → a 429 from the gateway itself.
+        second = request()
+        with pytest.raises(RateLimited) as refused:
+            await router.run(second, lambda t: unary_attempt(second, t, "/chat/completions"))
+        assert "gateway-wide limit" in refused.value.message
+        assert upstream.state.calls("mock-a") == 1 and upstream.state.calls("mock-b") == 1
+        limiter.finish(first)  # the first request ends: its slot is free again
+        third = request()
+        await router.run(third, lambda t: unary_attempt(third, t, "/chat/completions"))
+        assert third.provider == "secondary" and upstream.state.calls("mock-b") == 2
+    finally:
+        for provider in providers.values():
+            await provider.close()
