@@ -16,6 +16,7 @@ from aiohttp import web
 
 UPSTREAM = web.AppKey("upstream", str)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+CONNECTIONS = web.AppKey("connections", int)
 FORWARD_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -37,7 +38,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _session(app: web.Application):  # type: ignore[no-untyped-def]
-    connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30)
+    connector = aiohttp.TCPConnector(limit=app[CONNECTIONS], keepalive_timeout=30)
     app[SESSION] = aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=False
     )
@@ -45,9 +46,10 @@ async def _session(app: web.Application):  # type: ignore[no-untyped-def]
     await app[SESSION].close()
 
 
-def build_app(upstream: str) -> web.Application:
+def build_app(upstream: str, connections: int = 256) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[UPSTREAM] = upstream.rstrip("/")
+    app[CONNECTIONS] = connections
     app.cleanup_ctx.append(_session)
     app.router.add_post("/{tail:.*}", proxy)
     return app
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--upstream", default="http://127.0.0.1:9000", help="base URL, without /v1")
+    parser.add_argument(
+        "--connections", type=int, default=256, help="upstream connections at most (256, as the gateway)"
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -65,7 +70,13 @@ def main() -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    web.run_app(build_app(args.upstream), host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(
+        build_app(args.upstream, args.connections),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ With ``--native``, a fourth target, ``native``: the same gateway process driven 
 API (``/api/v1/llm/complete`` and ``.../complete/stream``) instead of ``/v1/chat/completions``, with
 the median of the per-round ratios native/gateway for req/s and CPU per request.
 
+With ``--plugins``, the gateway runs ``load/bench-plugins.yaml`` (auth, limits, budgets) against a
+private Redis that bench.py starts. With ``--peers litellm,portkey``, other gateways (``load/peers.py``
+installs them into ``load/.peers/``) take their turn in the same rounds against the same mock, and a
+side-by-side table shows req/s, p50 at concurrency 1 and the peak RSS of every server.
+
 then drives closed-loop load with ``wrk`` (or ``load/loadgen.py`` when wrk is not installed) in
 interleaved rounds, non-stream and stream, at ``--concurrency`` and at concurrency 1, and prints
 medians plus the median of the per-round ratios gateway/bare and gateway/direct. See load/README.md.
@@ -19,6 +24,7 @@ medians plus the median of the per-round ratios gateway/bare and gateway/direct.
     .venv/bin/python load/bench.py --quick          # smoke run (~1 min)
     .venv/bin/python load/bench.py --json out.json  # also write a JSON summary
     .venv/bin/python load/bench.py --native         # also the native API on the same gateway
+    .venv/bin/python load/bench.py --plugins --peers litellm,portkey --rounds 2 --duration 3
 """
 
 from __future__ import annotations
@@ -41,9 +47,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol, TypeVar
 
+import peers as peer_defs  # load/peers.py (this directory is on sys.path when run as a script)
+
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HOST = "127.0.0.1"  # every process binds here and every request goes here
@@ -57,17 +67,12 @@ GOAL_THROUGHPUT = 0.8  # gateway req/s >= 0.8x bare proxy
 GOAL_P50_C1_MS = 0.3  # gateway p50 at concurrency 1 within 0.3 ms of the bare proxy
 GOAL_NATIVE_CPU = 1.1  # a native non-stream completion costs <= 1.1x the CPU of the same on /v1
 
-# The gateway's team key when the config has auth on (load/bench-plugins.yaml); the mock and the
-# bare proxy ignore it.
-REQUEST_HEADERS = {
-    "Content-Type": "application/json",
-    "Authorization": "Bearer " + os.environ.get("BENCH_API_KEY", "none"),
-}
+PLUGINS_CONFIG = HERE / "bench-plugins.yaml"
+PLUGINS_API_KEY = "bench-team-key-0123456789"  # the team key in load/bench-plugins.yaml
 
 WRK_SCRIPT = """\
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_API_KEY") or "none")
+{headers}
 wrk.body = [==[{body}]==]
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -112,9 +117,11 @@ class Processes:
         env: dict[str, str] | None = None,
         stdout: str | None = None,
         capture: bool = False,
+        cwd: Path | None = None,
     ) -> Proc:
         log = None if capture else self.tmp / f"{name}.log"
         out: Any
+        err: Any
         if capture:
             out, err = subprocess.PIPE, subprocess.PIPE
         else:
@@ -138,7 +145,7 @@ class Processes:
             stderr=err,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
-            cwd=self.src,
+            cwd=cwd or self.src,
             start_new_session=True,  # Ctrl-C reaches bench.py only; it stops the children itself
             preexec_fn=preexec,
         )
@@ -171,9 +178,9 @@ class Processes:
         for proc in reversed(list(self.procs)):
             self.stop(proc)
 
-    def check_alive(self) -> None:
+    def check_alive(self, skip: frozenset[str] = frozenset()) -> None:
         for proc in self.procs:
-            if proc.popen.poll() is not None:
+            if proc.name not in skip and proc.popen.poll() is not None:
                 raise BenchError(f"{proc.name} exited with code {proc.popen.returncode}\n{tail(proc.log)}")
 
 
@@ -196,14 +203,46 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc; 0.0 where /proc is missing."""
+def _stat_fields(pid: int) -> list[str] | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def session_pids(sid: int) -> list[int]:
+    """The live processes of a session: every server is started as a session leader, so this is the
+    server and whatever it forked (LiteLLM's workers, say)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and int(fields[3]) == sid:
+                pids.append(int(entry.name))
+    return pids or [sid]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a server (all threads of all the live processes of its session), from /proc;
+    0.0 where /proc is missing."""
+    total = 0
+    for p in session_pids(pid):
+        fields = _stat_fields(p)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory of a server (``VmHWM`` summed over the processes of its session), MB."""
+    kb = 0
+    for p in session_pids(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    kb += int(line.split()[1])
+    return kb / 1024 if kb else None
 
 
 def system_busy_seconds() -> float:
@@ -224,11 +263,13 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def post(port: int, path: str, body: bytes, timeout: float = 5.0) -> tuple[int, str, bytes]:
+def post(
+    port: int, path: str, body: bytes, headers: dict[str, str], timeout: float = 5.0
+) -> tuple[int, str, bytes]:
     # http.client, not urllib: no proxy environment variable can send this anywhere but loopback.
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        conn.request("POST", path, body=body, headers=REQUEST_HEADERS)
+        conn.request("POST", path, body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.getheader("Content-Type", ""), resp.read()
     finally:
@@ -236,6 +277,12 @@ def post(port: int, path: str, body: bytes, timeout: float = 5.0) -> tuple[int, 
 
 
 # --------------------------------------------------------------------------- workload
+
+
+class Request(NamedTuple):
+    path: str
+    body: bytes
+    headers: dict[str, str]  # every header sent, Content-Type included
 
 
 def request_path(target: str, mode: str) -> str:
@@ -300,7 +347,7 @@ class Layout:
             return "no pinning (the kernel schedules everything)"
         return (
             f"load generator on CPU {fmt_cpus(self.load)}, mock on CPU {fmt_cpus(self.mock)}, "
-            f"bare proxy and gateway on CPU {fmt_cpus(self.proxies)}"
+            f"bare proxy, gateway and peers on CPU {fmt_cpus(self.proxies)}"
         )
 
 
@@ -322,25 +369,34 @@ def make_layout(pin: str) -> Layout:
 # --------------------------------------------------------------------------- load generation
 
 
+class Runner(Protocol):
+    """What ``measure`` drives: one closed-loop run, answering the wrk script's JSON summary."""
+
+    def run(self, port: int, request: Request, concurrency: int, duration: int) -> dict[str, Any]: ...
+
+
 class LoadGenerator:
     def __init__(self, kind: str, procs: Processes, layout: Layout, tmp: Path) -> None:
         self.kind, self.procs, self.layout, self.tmp = kind, procs, layout, tmp
-        self._files: dict[bytes, Path] = {}
+        self._files: dict[tuple[bytes, tuple[tuple[str, str], ...]], Path] = {}
 
-    def _file(self, body: bytes) -> Path:
-        path = self._files.get(body)
+    def _file(self, body: bytes, headers: dict[str, str]) -> Path:
+        key = (body, tuple(sorted(headers.items())))
+        path = self._files.get(key)
         if path is None:
             n = len(self._files)
             if self.kind == "wrk":
                 path = self.tmp / f"post{n}.lua"
-                path.write_text(WRK_SCRIPT.format(body=body.decode()))
+                lines = "\n".join(f"wrk.headers[{lua_str(k)}] = {lua_str(v)}" for k, v in headers.items())
+                path.write_text(WRK_SCRIPT.format(headers=lines, body=body.decode()))
             else:
                 path = self.tmp / f"body{n}.json"
                 path.write_bytes(body)
-            self._files[body] = path
+            self._files[key] = path
         return path
 
-    def run(self, port: int, path: str, body: bytes, concurrency: int, duration: int) -> dict[str, Any]:
+    def run(self, port: int, request: Request, concurrency: int, duration: int) -> dict[str, Any]:
+        path, body, headers = request
         url = f"http://{HOST}:{port}{path}"
         if self.kind == "wrk":
             argv = [
@@ -351,7 +407,7 @@ class LoadGenerator:
                 "--timeout",
                 "10s",
                 "-s",
-                str(self._file(body)),
+                str(self._file(body, headers)),
                 url,
             ]
         else:
@@ -361,7 +417,9 @@ class LoadGenerator:
                 "--url",
                 url,
                 "--body-file",
-                str(self._file(body)),
+                str(self._file(body, headers)),
+                "--headers",
+                json.dumps(headers),
                 "--concurrency",
                 str(concurrency),
                 "--duration",
@@ -379,18 +437,68 @@ class LoadGenerator:
         return result
 
 
+def lua_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string of ASCII text is a valid Lua string literal
+
+
 # --------------------------------------------------------------------------- the bench
 
 
 @dataclass
 class Servers:
     ports: dict[str, int]  # per target ("native" is the gateway's port)
-    pids: dict[str, int]  # "mock", "bare", "gateway"
+    pids: dict[str, int]  # per server: "mock", "bare", "gateway", "redis" (a private one), each peer
+    targets: dict[str, list[str]] = field(default_factory=dict)  # per mode: the targets that run
+    peers: dict[str, peer_defs.Peer] = field(default_factory=dict)  # the peers that started
+    failed: dict[str, dict[str, str]] = field(default_factory=dict)  # target -> mode -> reason
+    rss_mb: dict[str, float | None] = field(default_factory=dict)  # per server: peak RSS, at the end
+
+    def fail(self, target: str, modes: tuple[str, ...] | list[str], reason: str) -> None:
+        for mode in modes:
+            self.failed.setdefault(target, {})[mode] = reason
+            if target in self.targets.get(mode, ()):
+                self.targets[mode].remove(target)
+
+
+def redis_url(procs: Processes, layout: Layout, args: argparse.Namespace) -> tuple[str | None, int | None]:
+    """``--redis``: the Redis URL the gateway gets (None: the config's default) and the pid of a
+    private redis-server started here (on the mock's CPU, as load/floor.sh does)."""
+    choice = args.redis
+    if choice == "auto":
+        has_redis = any(line.startswith("redis:") for line in args.config.read_text().splitlines())
+        choice = "private" if has_redis and "BENCH_REDIS_URL" not in os.environ else "none"
+    if choice == "none":
+        return None, None
+    if choice != "private":
+        return choice, None
+    if not shutil.which("redis-server"):
+        raise BenchError("--redis private: redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    proc = procs.start(
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+         "--dir", str(procs.tmp)],
+        cpus=layout.mock,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        procs.check_alive()
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            if sock.recv(16).startswith(b"+PONG"):
+                return f"redis://{HOST}:{port}/0", proc.popen.pid
+        if time.monotonic() > deadline:
+            raise BenchError(f"redis-server did not come up on port {port}\n{tail(proc.log)}")
+        time.sleep(0.05)
 
 
 def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) -> Servers:
     py = sys.executable
     ports = {t: free_port() for t in TARGETS}
+    pids: dict[str, int] = {}
+    url, redis_pid = redis_url(procs, layout, args)
+    if redis_pid is not None:
+        pids["redis"] = redis_pid
     mock = procs.start(
         "mock", [py, "-m", "gateway.providers.mock", "--host", HOST, "--port", str(ports["direct"])],
         cpus=layout.mock,
@@ -427,21 +535,22 @@ def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) ->
             args.gateway_log_level,
         ],
         cpus=layout.proxies,
-        env={"BENCH_MOCK_PORT": str(ports["direct"])},
+        env={"BENCH_MOCK_PORT": str(ports["direct"]), **({"BENCH_REDIS_URL": url} if url else {})},
         stdout=args.gateway_log,  # the access log is written (it is part of the hot path), to /dev/null
     )
     ports[NATIVE] = ports["gateway"]
-    servers = Servers(ports, {"mock": mock.popen.pid, "bare": bare.popen.pid, "gateway": gateway.popen.pid})
+    pids.update(mock=mock.popen.pid, bare=bare.popen.pid, gateway=gateway.popen.pid)
+    servers = Servers(ports, pids, targets={mode: list(args.targets) for mode in args.modes})
     deadline = time.monotonic() + 20
     for mode in MODES:
-        for target, (path, body) in requests_for(args, mode).items():
+        for target, (path, body, headers) in requests_for(args, mode, servers).items():
             while True:
                 procs.check_alive()
                 try:
-                    validate(target, mode, *post(ports[target], path, body))
+                    validate(target, mode, *post(ports[target], path, body, headers))
                     break
                 except BenchError as exc:
-                    quiet = SUT_PID[target] == "gateway" and args.gateway_log == os.devnull
+                    quiet = server_of(target) == "gateway" and args.gateway_log == os.devnull
                     hint = " (rerun with --gateway-log FILE to see its log)" if quiet else ""
                     raise BenchError(f"{exc}{hint}") from None
                 except (OSError, http.client.HTTPException) as exc:
@@ -451,26 +560,117 @@ def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) ->
     return servers
 
 
+def start_peers(
+    procs: Processes,
+    layout: Layout,
+    args: argparse.Namespace,
+    servers: Servers,
+    log: Callable[[str], None],
+) -> None:
+    """``--peers``: start each installed peer next to the gateway (same CPU) in front of the same mock,
+    and check it answers each mode; a peer that cannot is reported as failed for that mode and the
+    benchmark goes on without it."""
+    started: dict[str, tuple[Proc, float]] = {}
+    for name in args.peers:
+        reason = args.peer_failures.get(name)
+        try:
+            if reason:
+                raise peer_defs.PeerError(reason)
+            version = peer_defs.install(name, log, offline=args.in_netns)
+            port = free_port()
+            peer = peer_defs.prepare(name, port, servers.ports["direct"], procs.tmp, version)
+        except peer_defs.PeerError as exc:
+            log(f"peers: {name} failed: {exc}")
+            servers.fail(name, MODES, str(exc))
+            continue
+        proc = procs.start(
+            name, peer.argv, cpus=layout.proxies, env=peer.env, stdout=os.devnull, cwd=procs.tmp
+        )
+        servers.ports[name], servers.pids[name], servers.peers[name] = port, proc.popen.pid, peer
+        started[name] = (proc, time.monotonic() + peer.startup_s)
+        for mode in args.modes:
+            servers.targets[mode].append(name)
+    for name, (proc, deadline) in started.items():
+        for mode in args.modes:
+            path, body, headers = requests_for(args, mode, servers)[name]
+            while True:
+                if proc.popen.poll() is not None:
+                    reason = f"exited with code {proc.popen.returncode}: {peer_log_hint(proc)}"
+                    servers.fail(name, MODES, reason)
+                    break
+                try:
+                    validate(name, mode, *post(servers.ports[name], path, body, headers, timeout=30))
+                    break
+                except BenchError as exc:
+                    servers.fail(name, [mode], f"{exc} {peer_log_hint(proc)}".strip())
+                    break
+                except (OSError, http.client.HTTPException) as exc:
+                    if time.monotonic() > deadline:
+                        servers.fail(name, MODES, f"did not come up: {exc}")
+                        break
+                    time.sleep(0.2)
+        if not any(name in servers.targets[mode] for mode in args.modes):
+            stop_peer(procs, servers, name)
+        failed = {mode: why for mode, why in servers.failed.get(name, {}).items() if mode in args.modes}
+        for mode, reason in failed.items():
+            log(f"peers: {name} ({mode}) failed: {reason}")
+        if len(failed) < len(args.modes):
+            log(f"peers: {name} {servers.peers[name].version} on port {servers.ports[name]}")
+
+
+def peer_log_hint(proc: Proc) -> str:
+    """The first line of a peer's stderr that names an error, if any (why a request failed)."""
+    for line in tail(proc.log, 200).splitlines():
+        if "error" in line.lower():
+            return f"(its log: {line.strip()[:200]})"
+    return ""
+
+
+def stop_peer(procs: Processes, servers: Servers, name: str) -> None:
+    """Stop a peer that failed every mode (or died), keeping its peak RSS."""
+    servers.rss_mb[name] = peak_rss_mb(servers.pids[name])
+    for proc in [p for p in procs.procs if p.name == name]:
+        procs.stop(proc)
+    servers.pids.pop(name, None)
+
+
 SUT_PID = {"direct": "mock", "bare": "bare", "gateway": "gateway", NATIVE: "gateway"}
 
 
+def server_of(target: str) -> str:
+    """The server whose CPU a target's requests are charged to (a peer is its own server)."""
+    return SUT_PID.get(target, target)
+
+
 def model_for(target: str, args: argparse.Namespace) -> str:
-    return args.model if SUT_PID[target] == "gateway" else UPSTREAM_MODEL
+    return args.model if server_of(target) == "gateway" else UPSTREAM_MODEL
 
 
-Request = tuple[str, bytes]  # path, body
+def gateway_headers(args: argparse.Namespace) -> dict[str, str]:
+    # The gateway's team key when the config has auth on (load/bench-plugins.yaml); the mock and the
+    # bare proxy ignore it.
+    return {"Content-Type": "application/json", "Authorization": f"Bearer {args.api_key}"}
 
 
-def requests_for(args: argparse.Namespace, mode: str) -> dict[str, Request]:
-    """Per target: the path and body of one request of this mode."""
-    return {
-        t: (request_path(t, mode), request_body(t, model_for(t, args), mode == "stream", args.chunks))
+def requests_for(args: argparse.Namespace, mode: str, servers: Servers | None = None) -> dict[str, Request]:
+    """Per target (and per started peer): the path, body and headers of one request of this mode."""
+    stream = mode == "stream"
+    out = {
+        t: Request(
+            request_path(t, mode),
+            request_body(t, model_for(t, args), stream, args.chunks),
+            gateway_headers(args),
+        )
         for t in args.targets
     }
+    for name, peer in (servers.peers if servers else {}).items():
+        headers = {"Content-Type": "application/json", **peer.headers}
+        out[name] = Request(PATH, request_body(name, peer.model, stream, args.chunks), headers)
+    return out
 
 
 def measure(
-    gen: LoadGenerator,
+    gen: Runner,
     servers: Servers,
     procs: Processes,
     target: str,
@@ -480,10 +680,10 @@ def measure(
 ) -> dict[str, Any]:
     before = {name: cpu_seconds(pid) for name, pid in servers.pids.items()}
     busy0, children0, wall0 = system_busy_seconds(), children_cpu_seconds(), time.monotonic()
-    raw = gen.run(servers.ports[target], *request, concurrency, duration)
+    raw = gen.run(servers.ports[target], request, concurrency, duration)
     busy1, children1, wall1 = system_busy_seconds(), children_cpu_seconds(), time.monotonic()
     after = {name: cpu_seconds(pid) for name, pid in servers.pids.items()}
-    procs.check_alive()
+    procs.check_alive(skip=frozenset(servers.peers))
     seconds = raw["duration_us"] / 1e6
     requests = raw["requests"]
     cpu = {name: after[name] - before[name] for name in before}
@@ -491,7 +691,7 @@ def measure(
     # CPU used by anything but the benchmark's own processes (other jobs on a shared machine).
     other = max(0.0, (busy1 - busy0) - sum(cpu.values()))
     errors = sum(raw[k] for k in ("status_errors", "connect", "read", "write", "timeout"))
-    sut_cpu = cpu[SUT_PID[target]]
+    sut_cpu = cpu[server_of(target)]
     return {
         "rps": requests / seconds if seconds else 0.0,
         "p50_ms": raw["p50_us"] / 1000,
@@ -520,14 +720,16 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         try:
             log(f"load generator: {loadgen}; pinning: {layout.describe()}")
             servers = start_servers(procs, layout, args)
+            start_peers(procs, layout, args, servers, log)
             log(f"ports: {servers.ports}")
             gen = LoadGenerator(loadgen, procs, layout, tmp)
             started = time.monotonic()
             retries_left = args.retries
             for mode in args.modes:
-                requests = requests_for(args, mode)
-                for target, request in requests.items():  # warm-up: pools, caches, first-request paths
-                    gen.run(servers.ports[target], *request, args.concurrency, 1)
+                requests = requests_for(args, mode, servers)
+                for target in list(servers.targets[mode]):  # warm-up: pools, caches, first-request paths
+                    warm_up = partial(gen.run, servers.ports[target], requests[target], args.concurrency, 1)
+                    run_guarded(servers, procs, target, warm_up)
                 rnd = redone = 0
                 while rnd < args.rounds:
                     wait_quiet(servers, args.max_other, args.quiet_wait, log)
@@ -544,10 +746,30 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
                     rnd += 1
                     redone = 0
             elapsed = time.monotonic() - started
+            for name, pid in servers.pids.items():
+                servers.rss_mb[name] = peak_rss_mb(pid)
         finally:
             procs.stop_all()
-    result = summarize(args, runs, loadgen, layout, elapsed)
+    result = summarize(args, runs, loadgen, layout, elapsed, servers)
     result["discarded_runs"] = discarded
+    return result
+
+
+def run_guarded(servers: Servers, procs: Processes, target: str, run: Callable[[], T]) -> T | None:
+    """Run one load-generator run (or measurement) against a target. A peer that dies or makes the
+    load generator fail is reported as failed and dropped from the rest of the benchmark; anything
+    else that fails stops the benchmark."""
+    if target not in servers.peers:
+        return run()
+    proc = next(p for p in procs.procs if p.name == target)
+    try:
+        result = run()
+        if proc.popen.poll() is not None:
+            raise BenchError(f"exited with code {proc.popen.returncode}: {peer_log_hint(proc)}")
+    except BenchError as exc:
+        servers.fail(target, MODES, f"during the runs: {exc}")
+        stop_peer(procs, servers, target)
+        return None
     return result
 
 
@@ -562,13 +784,20 @@ def run_round(
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """One run per target at --concurrency, then one per target at concurrency 1."""
-    targets = args.targets
+    targets = servers.targets[mode]
     first = rnd % len(targets)
     order = targets[first:] + targets[:first]  # rotate who goes first
     out = []
     for concurrency in (args.concurrency, 1):
         for target in order:
-            m = measure(gen, servers, procs, target, requests[target], concurrency, args.duration)
+            if target not in servers.targets[mode]:
+                continue  # a peer that failed earlier in this round
+            run = partial(measure, gen, servers, procs, target, requests[target], concurrency, args.duration)
+            m = run_guarded(servers, procs, target, run)
+            settle(servers, target)
+            if m is None:
+                log(f"[{mode} {rnd + 1}/{args.rounds}] {target} failed: {servers.failed[target][mode]}")
+                continue
             m.update(mode=mode, round=rnd, target=target, concurrency=concurrency)
             out.append(m)
             log(
@@ -578,6 +807,23 @@ def run_round(
                 + (f"  ERRORS {m['errors']}" if m["errors"] else "")
             )
     return out
+
+
+def settle(servers: Servers, target: str, limit_s: float = 3.0) -> None:
+    """After a run, wait (up to ``limit_s``) until the server just measured is idle: a slow server still
+    works through the requests in flight when the load generator stopped (LiteLLM's take ~0.3 s at
+    concurrency 32), and that must not run into the next target's run on the same CPU."""
+    pid = servers.pids.get(server_of(target))
+    if pid is None:
+        return
+    deadline = time.monotonic() + limit_s
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = cpu_seconds(pid)
+        if now - last <= 0.01:  # at most one clock tick in 100 ms: idle
+            return
+        last = now
 
 
 def wait_quiet(servers: Servers, limit: float, max_wait: float, log: Callable[[str], None]) -> None:
@@ -644,7 +890,12 @@ def per_round_diff(table: Table, a: str, b: str, key: str, rounds: range) -> flo
 
 
 def summarize(
-    args: argparse.Namespace, runs: list[dict[str, Any]], loadgen: str, layout: Layout, elapsed: float
+    args: argparse.Namespace,
+    runs: list[dict[str, Any]],
+    loadgen: str,
+    layout: Layout,
+    elapsed: float,
+    servers: Servers | None = None,
 ) -> dict[str, Any]:
     def pick(mode: str, target: str, concurrency: int) -> list[dict[str, Any]]:
         return [
@@ -660,8 +911,10 @@ def summarize(
     c = args.concurrency
     for mode in args.modes:
         summary[mode] = {}
-        for target in args.targets:
+        for target in servers.targets[mode] if servers else args.targets:
             hi, lo = pick(mode, target, c), pick(mode, target, 1)
+            if not hi or not lo:
+                continue
             summary[mode][target] = {
                 "rps": median([r["rps"] for r in hi]),
                 "rps_min": min(r["rps"] for r in hi),
@@ -716,6 +969,9 @@ def summarize(
             "modes": list(args.modes),
             "stream_content_chunks": args.chunks,
             "config": str(args.config),
+            "redis": args.redis,
+            "peers": list(args.peers),
+            "network_namespace": args.in_netns,
             "gateway_source": str(args.src),
             "gateway_log": args.gateway_log,
             "max_other_cpu_pct": args.max_other,
@@ -732,8 +988,35 @@ def summarize(
         "summary": summary,
         "ratios": ratios,
         "goals": goals,
+        "servers": describe_servers(args, servers),
+        "failed": servers.failed if servers else {},
         "runs": runs,
     }
+
+
+def describe_servers(args: argparse.Namespace, servers: Servers | None) -> dict[str, dict[str, Any]]:
+    """Per target: what runs it and the peak RSS of its server's processes (MB)."""
+    if servers is None:
+        return {}
+    what = {
+        "direct": "the mock upstream",
+        "bare": "load/bare_proxy.py",
+        "gateway": f"llm-gateway, {display_path(args.config)}",
+        NATIVE: "llm-gateway, native API",
+    }
+    out = {}
+    for target in [*args.targets, *args.peers]:
+        server = server_of(target)
+        peer = servers.peers.get(target)
+        label = f"{target} {peer.version}" if peer is not None else what.get(target, target)
+        out[target] = {"server": server, "what": label, "peak_rss_mb": servers.rss_mb.get(server)}
+    return out
+
+
+def display_path(path: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(ROOT))
+    return str(path)
 
 
 def environment(loadgen: str, src: Path) -> dict[str, Any]:
@@ -819,11 +1102,52 @@ def render(result: dict[str, Any]) -> str:
         ]
         if "native_over_gateway_rps" in r:
             lines += render_native(r, g.get("native_cpu_vs_gateway"))
-    targets = len(next(iter(result["summary"].values())))
+    lines += render_side_by_side(result)
+    targets = max(1, len(next(iter(result["summary"].values()))))
     redone = len(result.get("discarded_runs", ())) // (2 * targets)
     limit = s["max_other_cpu_pct"]
     lines.append(f"\ntook {result['elapsed_s']} s; {redone} noisy round(s) redone (other% > {limit:g})")
     return "\n".join(lines)
+
+
+def render_side_by_side(result: dict[str, Any]) -> list[str]:
+    """Every target in one row: req/s at --concurrency and p50 at concurrency 1 per mode (medians), the
+    peak RSS of its server's processes, and why a peer failed."""
+    servers: dict[str, dict[str, Any]] = result.get("servers") or {}
+    if not servers:
+        return []
+    s = result["settings"]
+    modes = list(result["summary"])
+    failed: dict[str, dict[str, str]] = result.get("failed") or {}
+    header = (
+        f"{'target':<9}"
+        + "".join(f"{mode + ' req/s':>18}{'p50 ms@1':>10}" for mode in modes)
+        + f"{'peak RSS MB':>13}  what"
+    )
+    lines = [
+        "",
+        f"side by side: req/s at concurrency {s['concurrency']}, p50 at concurrency 1 (medians over "
+        "rounds); peak RSS = VmHWM of the server's processes",
+        header,
+        "-" * len(header),
+    ]
+    for target, info in servers.items():
+        cells = ""
+        for mode in modes:
+            v = result["summary"][mode].get(target)
+            if v is None:
+                cells += f"{'failed' if mode in failed.get(target, {}) else '-':>18}{'-':>10}"
+            else:
+                cells += f"{fmt(v['rps'], '.0f'):>18}{fmt(v['p50_c1_ms'], '.2f'):>10}"
+        rss = fmt(info["peak_rss_mb"], ".0f")
+        lines.append(f"{target:<9}{cells}{rss:>13}  {info['what']}")
+    for target, by_mode in failed.items():
+        reasons = {mode: by_mode[mode] for mode in modes if mode in by_mode}
+        if len(reasons) == len(modes) and len(set(reasons.values())) == 1:
+            lines.append(f"  {target}: failed: {reasons[modes[0]]}")
+        else:
+            lines += [f"  {target} ({mode}): failed: {reason}" for mode, reason in reasons.items()]
+    return lines
 
 
 def render_native(r: dict[str, Any], goal: dict[str, Any] | None) -> list[str]:
@@ -855,7 +1179,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=6, help="content chunks per streamed answer (default 6)")
     p.add_argument("--pin", choices=("sut", "split", "none"), default="sut", help="CPU layout (README)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
-    p.add_argument("--config", type=Path, default=HERE / "bench.yaml", help="gateway config")
+    p.add_argument("--config", type=Path, default=None, help="gateway config (load/bench.yaml)")
+    p.add_argument(
+        "--plugins",
+        action="store_true",
+        help="the gateway with plugins on: --config load/bench-plugins.yaml, a private Redis, its team key",
+    )
+    p.add_argument(
+        "--redis",
+        default="auto",
+        metavar="auto|private|none|URL",
+        help="Redis for the gateway (BENCH_REDIS_URL): private = a redis-server started here on the mock's "
+        "CPU; auto (default) = private when the config has a redis section and BENCH_REDIS_URL is unset",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="bearer key sent to the gateway (BENCH_API_KEY; with --plugins, bench-plugins.yaml's team key)",
+    )
+    p.add_argument(
+        "--peers",
+        default="",
+        metavar="LIST",
+        help=f"other gateways in the same rounds, comma-separated: {', '.join(peer_defs.PEERS)} "
+        "(installed into load/.peers/ on first use)",
+    )
+    p.add_argument(
+        "--netns",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="with --peers, run everything in a new network namespace with only loopback (auto: when "
+        "root and `unshare` exist), so no peer can reach anything but 127.0.0.1",
+    )
+    p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="bench", help="model name the gateway config routes to the mock")
     p.add_argument(
         "--gateway-log-level",
@@ -906,6 +1262,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--rounds, --duration and --concurrency must be >= 1, --chunks >= 3")
     args.modes = MODES if args.mode == "both" else (args.mode,)
     args.targets = (*TARGETS, NATIVE) if args.native else TARGETS
+    if args.config is None:
+        args.config = PLUGINS_CONFIG if args.plugins else HERE / "bench.yaml"
+    if args.api_key is None:
+        default = PLUGINS_API_KEY if args.config.resolve() == PLUGINS_CONFIG else "none"
+        args.api_key = os.environ.get("BENCH_API_KEY", default)
+    args.peers = tuple(dict.fromkeys(name.strip() for name in args.peers.split(",") if name.strip()))
+    unknown = [name for name in args.peers if name not in peer_defs.PEERS]
+    if unknown:
+        p.error(f"--peers: unknown {', '.join(unknown)} (known: {', '.join(peer_defs.PEERS)})")
+    args.peer_failures = json.loads(os.environ.get("BENCH_PEER_FAILURES", "{}")) if args.in_netns else {}
     return args
 
 
@@ -913,7 +1279,45 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # unwinds through the finally blocks that stop every child
 
 
+def install_peers(names: tuple[str, ...], log: Callable[[str], None]) -> dict[str, str]:
+    """Install the peers (network: PyPI, npm) before the benchmark; return name -> why it failed."""
+    failures = {}
+    for name in names:
+        try:
+            peer_defs.install(name, log)
+        except peer_defs.PeerError as exc:
+            failures[name] = str(exc)
+    return failures
+
+
+def reexec_in_netns(argv: list[str], args: argparse.Namespace, log: Callable[[str], None]) -> None:
+    """``--netns``: once the peers are installed, run this benchmark again (same pid, via exec) in a
+    new network namespace whose only interface is loopback. Returns only if that is not possible."""
+    missing = [tool for tool in ("unshare", "ip") if not shutil.which(tool)]
+    reason = f"{' and '.join(missing)} not found" if missing else ""
+    if not reason and os.geteuid() != 0:
+        reason = "not root"
+    if reason:
+        if args.netns == "on":
+            raise BenchError(f"--netns on: {reason}")
+        log(f"netns: {reason}; the peers run in this machine's network namespace")
+        return
+    env = {**os.environ, "BENCH_PEER_FAILURES": json.dumps(args.peer_failures)}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--in-netns"]
+    os.execvpe("unshare", ["unshare", "--net", "--", *cmd], env)
+
+
+def loopback_up() -> None:
+    """In the new network namespace: bring up its loopback interface (it starts down)."""
+    done = subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"ip link set lo up: {done.stderr.strip()}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _terminate)
@@ -923,6 +1327,13 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
+        if args.peers and not args.in_netns:
+            args.peer_failures = install_peers(args.peers, log)
+            if args.netns != "off":
+                reexec_in_netns(argv, args, log)
+        if args.in_netns:
+            loopback_up()
+            log("netns: running in a new network namespace (loopback only)")
         result = run_bench(args, log)
     except KeyboardInterrupt:
         log("interrupted: all benchmark processes stopped")
@@ -936,6 +1347,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"JSON summary: {args.json}")
     met = all(g["met"] for goals in result["goals"].values() for g in goals.values())
     return 1 if args.check and not met else 0
+
+
+def run_script(
+    name: str,
+    run: Callable[[Callable[[str], None]], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    json_path: str | None,
+) -> tuple[int, dict[str, Any] | None]:
+    """The common main of the load scripts: signals stop every child, progress on stderr, the
+    rendered result on stdout and optionally as JSON. Returns (exit status, result)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        result = run(log)
+    except KeyboardInterrupt:
+        log("interrupted: all processes stopped")
+        return 130, None
+    except BenchError as exc:
+        log(f"{name} failed: {exc}")
+        return 2, None
+    print(render(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"JSON: {json_path}")
+    return 0, result
 
 
 if __name__ == "__main__":

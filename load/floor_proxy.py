@@ -7,6 +7,11 @@ gateway's own auto-pipelined Redis connection (rpm, tpm, a parallel slot and two
 context, no plugins, no routing, no metrics: whatever the gateway costs above this floor is its own
 design, and the floor's cost over the bare proxy is what the contract asks of every request.
 
+A ``"stream": true`` request takes the same admit and settle, and in between: ask the upstream for
+``stream_options.include_usage`` (as the gateway does), relay its SSE bytes as they arrive (whole
+reads forwarded untouched), take the usage from the final usage chunk, and drop that chunk when the
+client did not ask for it. One access line when the stream has ended.
+
     python load/floor_proxy.py --port 8300 --upstream http://127.0.0.1:9000 --redis redis://127.0.0.1:6379/0
 """
 
@@ -16,6 +21,7 @@ import argparse
 import itertools
 import os
 import sys
+from typing import Any
 
 import aiohttp
 import orjson
@@ -61,10 +67,18 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             return web.Response(status=429)
     session = request.app[SESSION]
     url = request.app[UPSTREAM] + request.path
-    async with session.post(url, data=body_bytes(body), headers=FORWARD_HEADERS) as up:
-        data = await up.read()
-        status = up.status
-    usage = orjson.loads(data).get("usage") or {}
+    response: web.StreamResponse
+    if body.get("stream"):
+        options = body.get("stream_options")
+        strip = not (isinstance(options, dict) and options.get("include_usage") is True)
+        body["stream_options"] = {"include_usage": True}
+        response, status, usage = await relay_stream(request, session, url, body, strip)
+    else:
+        async with session.post(url, data=body_bytes(body), headers=FORWARD_HEADERS) as up:
+            data = await up.read()
+            status = up.status
+        usage = orjson.loads(data).get("usage") or {}
+        response = web.Response(status=status, body=data, content_type="application/json")
     prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
     used = prompt + completion
     ops = [
@@ -82,10 +96,59 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             option=orjson.OPT_APPEND_NEWLINE,
         )
     )
-    return web.Response(status=status, body=data, content_type="application/json")
+    return response
 
 
-def body_bytes(body: dict[str, object]) -> bytes:
+async def relay_stream(
+    request: web.Request, session: aiohttp.ClientSession, url: str, body: dict[str, Any], strip: bool
+) -> tuple[web.StreamResponse, int, dict[str, Any]]:
+    """Relay the upstream's SSE bytes as they arrive; return the response, status and usage."""
+    async with session.post(url, data=body_bytes(body), headers=FORWARD_HEADERS) as up:
+        content_type = up.headers.get("Content-Type", "")
+        if up.status != 200 or not content_type.startswith("text/event-stream"):
+            data = await up.read()
+            return web.Response(status=up.status, body=data, content_type="application/json"), up.status, {}
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        usage: dict[str, Any] = {}
+        held = b""  # the start of an event not yet complete, kept back until its end arrives
+        while chunk := await up.content.readany():
+            if not held and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
+                await resp.write(chunk)  # the usual read: whole events, nothing to look at
+                continue
+            data = held + chunk
+            end = data.rfind(b"\n\n") + 2
+            if end < 2:
+                held = data
+                continue
+            held = data[end:]
+            out = data[:end]
+            if b'"usage"' in out:
+                out = take_usage(out, usage, strip)
+            if out:
+                await resp.write(out)
+        if held:
+            await resp.write(held)
+        await resp.write_eof()
+        return resp, 200, usage
+
+
+def take_usage(events: bytes, usage: dict[str, Any], strip: bool) -> bytes:
+    """Whole events, one of which has ``"usage"``: record the usage; drop the usage-only chunk
+    (``choices: []``) when the client did not ask for it."""
+    kept = []
+    for event in events.split(b"\n\n")[:-1]:
+        if b'"usage"' in event and event.startswith(b"data: {"):
+            chunk = orjson.loads(event[6:])
+            if isinstance(chunk.get("usage"), dict):
+                usage.update(chunk["usage"])
+                if strip and not chunk.get("choices"):
+                    continue
+        kept.append(event + b"\n\n")
+    return b"".join(kept)
+
+
+def body_bytes(body: dict[str, Any]) -> bytes:
     body["model"] = "mock-chat"  # the gateway maps the model name to the target's
     return orjson.dumps(body)
 

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -207,13 +206,15 @@ def client_main(argv: list[str]) -> None:
 
 
 class Client:
-    """Shaped like bench.LoadGenerator (``run(port, path, body, concurrency, duration)``) so that
-    ``bench.measure`` drives it; the path says which protocol."""
+    """Shaped like bench.LoadGenerator (``run(port, request, concurrency, duration)``) so that
+    ``bench.measure`` drives it; the request's path says which protocol (its headers are not used:
+    the client sends BENCH_API_KEY)."""
 
     def __init__(self, procs: bench.Processes, layout: bench.Layout) -> None:
         self.procs, self.layout = procs, layout
 
-    def run(self, port: int, path: str, body: bytes, concurrency: int, duration: int) -> dict[str, Any]:
+    def run(self, port: int, request: bench.Request, concurrency: int, duration: int) -> dict[str, Any]:
+        path, body, _headers = request
         kind = GRAPHQL if path == GRAPHQL_PATH else SSE
         argv = [
             sys.executable, str(Path(__file__).resolve()), "--client", kind, "--port", str(port),
@@ -237,7 +238,7 @@ class Client:
 def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     layout = bench.make_layout(args.pin)
     body = bench.request_body(bench.NATIVE, args.model, True, args.chunks)
-    requests = {SSE: (SSE_PATH, body), GRAPHQL: (GRAPHQL_PATH, body)}
+    requests = {SSE: bench.Request(SSE_PATH, body, {}), GRAPHQL: bench.Request(GRAPHQL_PATH, body, {})}
     runs: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="llmgw-gqlbench-") as tmpdir:
@@ -255,7 +256,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             log(f"gateway on port {servers.ports['gateway']} (pid {servers.pids['gateway']})")
             client = Client(procs, layout)
             for target in TARGETS:  # warm-up, and a check that every stream comes back whole
-                raw = client.run(servers.ports[target], *requests[target], args.concurrency, 1)
+                raw = client.run(servers.ports[target], requests[target], args.concurrency, 1)
                 if raw["first_error"] or not raw["requests"]:
                     raise bench.BenchError(
                         f"{target} warm-up: {raw['requests']} streams, {raw['first_error']}"
@@ -421,6 +422,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.duration < 1 or args.concurrency < 1 or args.chunks < 3:
         p.error("--rounds, --duration and --concurrency must be >= 1, --chunks >= 3")
     args.targets = (bench.NATIVE,)  # what bench.start_servers checks before the runs
+    args.modes = bench.MODES
+    args.redis = "auto"  # bench.start_servers: a private Redis if the config has a redis section
+    args.api_key = os.environ.get("BENCH_API_KEY", "none")
     return args
 
 
@@ -430,26 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         client_main(argv)
         return 0
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, bench._terminate)
-    signal.signal(signal.SIGHUP, bench._terminate)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    try:
-        result = run_bench(args, log)
-    except KeyboardInterrupt:
-        log("interrupted: all benchmark processes stopped")
-        return 130
-    except bench.BenchError as exc:
-        log(f"bench failed: {exc}")
-        return 2
-    print(render(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"JSON summary: {args.json}")
-    return 0
+    code, _ = bench.run_script("bench", lambda log: run_bench(args, log), render, args.json)
+    return code
 
 
 if __name__ == "__main__":

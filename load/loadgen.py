@@ -28,15 +28,23 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[index]
 
 
-async def run(url: str, body: bytes, concurrency: int, duration: float, timeout: float) -> dict[str, int]:
+async def run(
+    url: str,
+    body: bytes,
+    concurrency: int,
+    duration: float,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+) -> dict[str, int]:
     if not url.startswith("http://127.0.0.1:"):
         raise SystemExit("loadgen: only http://127.0.0.1 targets are allowed")
     latencies: list[float] = []
     errors = {"status": 0, "connect": 0, "read": 0, "timeout": 0}
-    headers = {
-        "Content-Type": "application/json",
-        "Authorization": "Bearer " + os.environ.get("BENCH_API_KEY", "none"),
-    }
+    if headers is None:
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": "Bearer " + os.environ.get("BENCH_API_KEY", "none"),
+        }
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=timeout), trust_env=False
@@ -93,6 +101,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--headers", help="every request header, as a JSON object (default: JSON + BENCH_API_KEY)"
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -101,7 +112,8 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         pass
     body = Path(args.body_file).read_bytes()
-    result = asyncio.run(run(args.url, body, args.concurrency, args.duration, args.timeout))
+    headers = orjson.loads(args.headers) if args.headers else None
+    result = asyncio.run(run(args.url, body, args.concurrency, args.duration, args.timeout, headers))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 
