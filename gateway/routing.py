@@ -167,6 +167,7 @@ class Router:
         self.budget = RetryBudget(budget.percent, budget.min_concurrency)
         self.upstream = upstream
         self.observe = observe  # live traffic feeds provider health
+        self.tally = metrics.Tally()  # the attempts' outcome counters, folded once a second
         cb = config.routing.circuit_breaker
         self.routes: dict[str, Route] = {}
         self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
@@ -199,6 +200,14 @@ class Router:
         plan = self.upstream.plan(provider.name, model) if self.upstream is not None else None
         strip = to_strip(provider.config.allow_fields, allow_fields)
         return Target(provider, model, breaker, plan, strip=strip, watch=watched(strip))
+
+    def _outcome(self, target: Target, outcome: str) -> None:
+        child = target.outcomes.get(outcome)
+        if child is None:
+            child = target.outcomes[outcome] = metrics.UPSTREAM_REQUESTS.labels(
+                target.provider.name, target.model, outcome
+            )
+        self.tally.inc(child)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         s = self.settings
@@ -237,7 +246,7 @@ class Router:
                 if not self.budget.allow():
                     # Retries beyond the budget would multiply the load on a failing upstream:
                     # fall back to the next target instead.
-                    _upstream_outcome(target, Outcome.RETRY_BUDGET)
+                    self._outcome(target, Outcome.RETRY_BUDGET)
                     return NEXT
                 self.budget.retries += 1
             try:
@@ -272,7 +281,7 @@ class Router:
             if trial:
                 target.breaker.release()
             walk.limited_by(refusal)
-            _upstream_outcome(target, Outcome.GATEWAY_LIMITED)
+            self._outcome(target, Outcome.GATEWAY_LIMITED)
             return NEXT
         except BaseException:
             if trial:  # cancelled, or the store refused: no verdict either
@@ -288,7 +297,7 @@ class Router:
             if held is not None and self.upstream is not None:
                 ctx.limits.upstream = None
                 self.upstream.limiter.give_back(held, 0)  # nothing was served: tokens and slot back
-            _upstream_outcome(target, failure.outcome)
+            self._outcome(target, failure.outcome)
             self.observe(target.provider.name, False, None)
             log.info(
                 "upstream_attempt_failed",
@@ -309,14 +318,14 @@ class Router:
         except GatewayError:
             # The upstream answered, but the request itself is at fault: no retry, no penalty.
             target.breaker.success()
-            _upstream_outcome(target, Outcome.CLIENT_ERROR)
+            self._outcome(target, Outcome.CLIENT_ERROR)
             self.observe(target.provider.name, True, None)
             raise
         except BaseException:
             if trial:
                 target.breaker.release()
             raise
-        _upstream_outcome(target, Outcome.SUCCESS)
+        self._outcome(target, Outcome.SUCCESS)
         self.observe(target.provider.name, True, None)
         if target.breaker.failures >= target.breaker.threshold:
             log.info("circuit_closed", provider=target.provider.name, upstream_model=target.model)
@@ -394,12 +403,3 @@ class Walk:
         return UpstreamError(
             f"all upstream targets failed; last error: {last.message}", code="upstream_error"
         )
-
-
-def _upstream_outcome(target: Target, outcome: str) -> None:
-    child = target.outcomes.get(outcome)
-    if child is None:
-        child = target.outcomes[outcome] = metrics.UPSTREAM_REQUESTS.labels(
-            target.provider.name, target.model, outcome
-        )
-    child.inc()

@@ -23,6 +23,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import metrics
 from gateway.cli import main
 from gateway.providers import mock
 from tests.helpers import eventually, free_port, openai_client
@@ -508,20 +509,25 @@ async def test_workers_share_the_port_and_report_one_set_of_metrics(
             session.post(served.url + "/chat/completions", json=body) as r,
         ):
             assert r.status == 200
-    for _ in range(6):  # whichever worker answers the scrape reports the whole pool
+
+    async def total() -> float:
         async with (
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
             session.get(f"http://127.0.0.1:{served.port}/metrics") as r,
         ):
             text = await r.text()
-        total = sum(
+        return sum(
             sample.value
             for family in text_string_to_metric_families(text)
             if family.name == "llm_gateway_requests"
             for sample in family.samples
             if sample.name == "llm_gateway_requests_total" and sample.labels.get("model") == "chat"
         )
-        assert total == 20
+
+    # Each worker folds its request metrics into the shared files once a second (metrics.Tally).
+    await asyncio.sleep(metrics.Tally.FOLD_SECONDS + 0.2)
+    for _ in range(6):  # whichever worker answers the scrape reports the whole pool
+        assert await total() == 20
     assert await served.stop() == 0
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import metrics
 from tests.conftest import MASTER_KEY, TEAM_KEY, RunningGateway, Upstream, base_config, tenancy_config
 from tests.helpers import raw_request
 
@@ -269,3 +272,33 @@ async def test_requests_refused_before_routing_are_counted_without_client_string
     # The client's model name never becomes a label.
     names = {s.labels.get("model") for m in REGISTRY.collect() for s in m.samples}
     assert "secret-name" not in names
+
+
+async def test_folded_metrics_read_the_same_as_direct_ones() -> None:
+    """What the hot path adds up in a Tally is, at the next read of the registry, exactly what
+    prometheus_client's own inc/observe would have recorded: every bucket, sum and count."""
+    registry_name = f"tally_check_{uuid.uuid4().hex[:8]}"
+    direct = Histogram(registry_name + "_direct", "d", ["k"], buckets=metrics.LATENCY_BUCKETS).labels("x")
+    folded = Histogram(registry_name + "_folded", "f", ["k"], buckets=metrics.LATENCY_BUCKETS).labels("x")
+    count_direct = Counter(registry_name + "_cd", "c", ["k"]).labels("x")
+    count_folded = Counter(registry_name + "_cf", "c", ["k"]).labels("x")
+    tally = metrics.Tally()
+    values = [0.0, 0.01, 0.0100001, 0.3, 1, 119.9, 120, 121, 5000, 0.049]
+    for v in values:
+        direct.observe(v)
+        tally.observe(folded, v)
+        count_direct.inc(v)
+        tally.inc(count_folded, v)
+
+    def samples(prefix: str) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name.replace(prefix, ""), s.labels, s.value)
+            for family in REGISTRY.collect()
+            if family.name.startswith(prefix)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(registry_name + "_folded") == samples(registry_name + "_direct")  # read → folded first
+    assert samples(registry_name + "_cf") == samples(registry_name + "_cd")
+    assert samples(registry_name + "_cf")[0][2] == pytest.approx(sum(values))

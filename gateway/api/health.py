@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
+from gateway import metrics
 from gateway.errors import AuthenticationFailed
 from gateway.runtime import GATEWAY, Gateway
 
@@ -93,6 +94,7 @@ async def prometheus(request: web.Request) -> web.Response:
             raise AuthenticationFailed("a valid bearer token is required for /metrics")
     registry = REGISTRY
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: merge their files
+        metrics.fold_all()  # this worker's figures are in its file before it is read
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
