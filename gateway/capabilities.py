@@ -143,7 +143,12 @@ class Catalog:
             route = self.routes.get(model.name)
             if route is not None:
                 route.model = dataclasses.replace(
-                    route.model, pricing=caps.pricing, context_window=caps.context_window
+                    route.model,
+                    pricing=caps.pricing,
+                    context_window=caps.context_window,
+                    capabilities=dataclasses.replace(
+                        route.model.capabilities, max_output_tokens=caps.max_output_tokens
+                    ),
                 )
 
     def get(self, name: str) -> Capabilities:

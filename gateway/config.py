@@ -11,9 +11,9 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-PROVIDER_TYPES = ("openrouter", "deepseek", "openai", "mock")
+PROVIDER_TYPES = ("openrouter", "deepseek", "anthropic", "openai", "mock")
 # Provider types that cannot work without a key: with an empty key they count as "unconfigured".
-KEYED_PROVIDER_TYPES = ("openrouter", "deepseek")
+KEYED_PROVIDER_TYPES = ("openrouter", "deepseek", "anthropic")
 # What each plugin needs of the caller's identity, which only ``auth`` establishes (each plugin class
 # declares the same as ``needs_identity``; the parser cannot import them, a test keeps the two equal):
 #   "none"        it reads none (auth itself)
@@ -60,6 +60,7 @@ class ProviderConfig:
     probe_path: str | None = "/models"  # background health probe (GET base_url + path); None: off
     limits: Limits | None = None  # global, across all teams: protects the provider account
     allow_fields: tuple[str, ...] = ()  # steering fields passed through to it (gateway.steering)
+    anthropic_version: str = "2023-06-01"  # type anthropic: the anthropic-version header it sends
 
     @property
     def configured(self) -> bool:

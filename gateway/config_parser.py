@@ -14,6 +14,7 @@ says so: the top level (``_config``), ``teams[]`` (``api_keys`` gives ``key_hash
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -317,6 +318,9 @@ def _providers(root: _Reader) -> tuple[ProviderConfig, ...]:
     return providers
 
 
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+
+
 def _provider(r: _Reader) -> ProviderConfig:
     r.known(*ProviderConfig.__slots__)
     provider = _build(
@@ -331,6 +335,12 @@ def _provider(r: _Reader) -> ProviderConfig:
     )
     if provider.type and provider.type not in PROVIDER_TYPES:  # an empty one is reported as required
         r.problem("type", f"must be one of {', '.join(PROVIDER_TYPES)}, got {provider.type!r}")
+    if provider.type == "anthropic":  # Anthropic's own API unless told otherwise; its model list probed
+        provider = dataclasses.replace(
+            provider,
+            base_url=provider.base_url or ANTHROPIC_BASE_URL,
+            probe_path="/v1/models" if "probe_path" not in r.data else provider.probe_path,
+        )
     if provider.type != "mock" and not provider.base_url:
         r.problem("base_url", "is required")
     elif provider.base_url and not provider.base_url.startswith(("http://", "https://")):

@@ -29,6 +29,7 @@ from gateway.context import RequestContext, Usage
 from gateway.errors import (
     AttemptFailed,
     BadAnswer,
+    InvalidRequest,
     PassThroughError,
     UpstreamBadAnswer,
     UpstreamConnectError,
@@ -37,9 +38,10 @@ from gateway.errors import (
     sse_error_event,
     upstream_status,
 )
+from gateway.formats import anthropic
 from gateway.limits.tokens import estimate_prompt_tokens
 from gateway.routing import Target
-from gateway.sse import SSEScanner
+from gateway.sse import SSEScanner, StreamScanner
 from gateway.steering import stripped
 
 MAX_UPSTREAM_BODY = 32 * 1024 * 1024
@@ -183,14 +185,60 @@ class Unary:
     parsed: dict[str, Any]
 
 
+# What an Anthropic client may tell an Anthropic target about the API it speaks (nothing else).
+ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+MAX_HEADER_CHARS = 1024
+
+
+def _request(ctx: RequestContext, target: Target, path: str) -> tuple[str, bytes, dict[str, str] | None]:
+    """Where and what to send, and any per-request headers: the client's body for a target that
+    speaks the client's API (``model`` replaced), else a translation of it (chat only)."""
+    provider = target.provider
+    if ctx.endpoint == "messages":  # an Anthropic client
+        if provider.wire == "anthropic":
+            return provider.chat_path, _passthrough(ctx, target), _anthropic_headers(ctx)
+        chat = anthropic.messages_to_chat(ctx.body, target.model)
+        return "/chat/completions", orjson.dumps(chat), None
+    if not provider.translates:
+        return path, upstream_payload(ctx, target), None
+    if path != "/chat/completions":
+        raise InvalidRequest(
+            f"model {ctx.model.name!r} is served by {provider.type} and answers chat completions only",
+            code="unsupported_endpoint",
+        )
+    max_output = ctx.model.capabilities.max_output_tokens
+    return provider.chat_path, provider.chat_body(ctx.body, target.model, max_output), None
+
+
+def _passthrough(ctx: RequestContext, target: Target) -> bytes:
+    """An Anthropic client's body for an Anthropic target: unchanged but for ``model`` — and
+    SECURITY: no ``service_tier`` (a billing choice is never the client's)."""
+    body = dict(ctx.body)
+    body["model"] = target.model
+    body.pop("service_tier", None)
+    return orjson.dumps(body)
+
+
+def _anthropic_headers(ctx: RequestContext) -> dict[str, str] | None:
+    """The client's anthropic-version and anthropic-beta, when sane (else the provider's own version)."""
+    headers = ctx.headers
+    forwarded = {
+        name: value
+        for name in ANTHROPIC_HEADERS
+        if (value := headers.get(name)) and len(value) <= MAX_HEADER_CHARS and value.isprintable()
+    }
+    return forwarded or None
+
+
 async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary:
     t = target.provider.timeouts
     start = asyncio.get_running_loop().time()
     total = start + t.total
+    path, payload, headers = _request(ctx, target, path)
     wd = Watchdog(min(start + t.first_byte, total), "first_byte")
     resp: aiohttp.ClientResponse | None = None
     try:
-        resp = await target.provider.post(path, upstream_payload(ctx, target), stream=False)
+        resp = await target.provider.post(path, payload, stream=False, headers=headers)
         wd.move(total, "total")
         if resp.status != 200:
             await _fail_on_status(target, resp)
@@ -226,6 +274,15 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
         raise UpstreamBadAnswer(
             BadAnswer.ERROR_IN_BODY, f"{target.provider.name} reported an error in a 200 body"
         )
+    if ctx.endpoint == "messages":  # the surface shapes the answer; the usage is read here
+        usage = parsed.get("usage")
+        ctx.usage = Usage.from_json(
+            anthropic.usage_to_chat(usage) if target.provider.wire == "anthropic" else usage
+        )
+        return Unary(resp.status, body, parsed)
+    if target.provider.translates:
+        parsed = target.provider.chat_answer(parsed)
+        body = orjson.dumps(parsed)
     ctx.usage = Usage.from_json(parsed.get("usage"))
     return Unary(resp.status, body, parsed)
 
@@ -233,11 +290,12 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
 @dataclass(slots=True)
 class OpenStream:
     resp: aiohttp.ClientResponse
-    scanner: SSEScanner
+    scanner: StreamScanner
     head: bytes  # everything read up to and including the first data event
     watchdog: Watchdog
     total_deadline: float
     idle: float
+    translate: Callable[[bytes], bytes] | None = None  # the provider's stream translator (chat_stream)
 
 
 async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
@@ -245,10 +303,13 @@ async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
     loop = asyncio.get_running_loop()
     start = loop.time()
     total = start + t.total
+    path, payload, headers = _request(ctx, target, "/chat/completions")
+    same_wire = ctx.endpoint == "messages" and target.provider.wire == "anthropic"
+    translate = target.provider.chat_stream() if target.provider.translates and not same_wire else None
     wd = Watchdog(min(start + t.first_byte, total), "first_byte")
     resp: aiohttp.ClientResponse | None = None
     try:
-        resp = await target.provider.post("/chat/completions", upstream_payload(ctx, target), stream=True)
+        resp = await target.provider.post(path, payload, stream=True, headers=headers)
         if resp.status != 200:
             await _fail_on_status(target, resp)
         if not resp.content_type.startswith("text/event-stream"):
@@ -258,7 +319,9 @@ async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
                 f"{target.provider.name} answered a stream request with {resp.content_type}"
                 + (" (an error)" if b'"error"' in body else ""),
             )
-        scanner = SSEScanner(strip_usage=ctx.added_include_usage)
+        scanner: StreamScanner = (
+            anthropic.EventScanner() if same_wire else SSEScanner(strip_usage=ctx.added_include_usage)
+        )
         head: list[bytes] = []
         while not scanner.data_events:
             chunk = await resp.content.readany()
@@ -267,7 +330,7 @@ async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
                 if scanner.done:  # an unterminated last event goes out only if it ends the stream
                     head.append(tail)
                 break
-            head.append(scanner.feed(chunk))
+            head.append(scanner.feed(translate(chunk) if translate is not None else chunk))
         if scanner.error is not None:
             raise UpstreamBadAnswer(
                 BadAnswer.ERROR_EVENT,
@@ -296,7 +359,7 @@ async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
     now = loop.time()
     ctx.ttft = time.perf_counter() - ctx.started
     wd.move(min(now + t.idle, total), "idle" if now + t.idle < total else "total")
-    return OpenStream(resp, scanner, b"".join(head), wd, total, t.idle)
+    return OpenStream(resp, scanner, b"".join(head), wd, total, t.idle, translate)
 
 
 def _close(resp: aiohttp.ClientResponse | None) -> None:
@@ -367,7 +430,7 @@ async def pump(
     ``ctx`` holds the usage, the error (if any) and whether the stream completed. A cancellation that
     is not the watchdog's (the client left) propagates; the upstream connection is closed either way."""
     loop = asyncio.get_running_loop()
-    scanner, wd, content = up.scanner, up.watchdog, up.resp.content
+    scanner, wd, content, translate = up.scanner, up.watchdog, up.resp.content, up.translate
     failure: str | None = None
     cut = False
     record = ctx.record  # the cache keeps the upstream's events, to replay them
@@ -386,7 +449,7 @@ async def pump(
                 cut = bool(tail) and not scanner.done
                 break
             seen = scanner.data_events
-            out = scanner.feed(chunk)
+            out = scanner.feed(translate(chunk) if translate is not None else chunk)
             if scanner.data_events != seen:
                 deadline = loop.time() + up.idle
                 if deadline < up.total_deadline:
@@ -420,7 +483,7 @@ async def pump(
     ctx.complete = failure is None and scanner.done and scanner.error is None
 
 
-def _partial_usage(ctx: RequestContext, scanner: SSEScanner) -> Usage:
+def _partial_usage(ctx: RequestContext, scanner: StreamScanner) -> Usage:
     """No usage chunk arrived (cut, timeout or disconnect): charge what was relayed.
 
     The prompt is estimated from the body size; each relayed content event counts as one completion

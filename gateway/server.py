@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler
 
 import plugins
 from gateway import cors, metrics, outcome
-from gateway.api import admin, health, native, openai, openapi, usage
+from gateway.api import admin, anthropic, health, native, openai, openapi, usage
 from gateway.api.graphql import view as graphql
 from gateway.api.openai import gateway_headers
 from gateway.auth import Authenticator
@@ -33,6 +33,7 @@ from gateway.errors import (
     RequestTooLarge,
     ServiceUnavailable,
 )
+from gateway.formats import anthropic as anthropic_format
 from gateway.limits.limiter import Limiter
 from gateway.limits.upstream import UpstreamLimits
 from gateway.logging import ACCESS, REDACTOR
@@ -71,10 +72,15 @@ def _http_error(exc: web.HTTPException) -> GatewayError:
 
 def _error_response(request: web.Request, rid: str, exc: GatewayError) -> web.Response:
     """The one translation of a failure to the client's API: native JSON under ``/api/v1``'s
-    completion and model routes, OpenAI's shape everywhere else."""
+    completion and model routes, Anthropic's under ``/v1/messages``, OpenAI's shape everywhere else."""
     if request.path.startswith(native.PREFIXES):
         ctx = request.get(CONTEXT)
         return exc.to_native_response(rid, ctx.provider if ctx is not None else None)
+    if request.path.startswith(anthropic.PREFIX):
+        body = anthropic_format.error_body(exc.status, exc.message)
+        return web.Response(
+            status=exc.status, body=body, content_type="application/json", headers=exc.headers
+        )
     return exc.to_response()
 
 
@@ -298,6 +304,7 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         (_store, _pipeline, _authenticator, _builtin_mock, _provider_sessions, _probes, _capabilities)
     )
     openai.add_routes(app)
+    anthropic.add_routes(app)
     native.add_routes(app)
     graphql.add_routes(app)
     admin.add_routes(app)

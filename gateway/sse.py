@@ -16,12 +16,28 @@ Only events that mention ``"usage"`` or ``"error"`` are JSON-decoded; the rest a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from gateway import jsonx
 
 _DATA = b"data:"
 _DONE = b"[DONE]"
+
+
+class StreamScanner(Protocol):
+    """What the relay reads of an upstream stream on the side (``SSEScanner`` for OpenAI's wire
+    format, ``formats.anthropic.EventScanner`` for Anthropic's)."""
+
+    data_events: int
+    done: bool
+    error: dict[str, Any] | None
+
+    @property
+    def usage(self) -> dict[str, Any] | None: ...
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
 
 
 class SSEScanner:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -75,15 +76,24 @@ def gateway_headers(ctx: RequestContext) -> dict[str, str]:
     return headers
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def begin(
+    request: web.Request, endpoint: str, validate: Callable[[dict[str, Any]], None]
+) -> tuple[RequestContext, web.StreamResponse | None]:
+    """Read, check and admit a completion request (``endpoint``: "chat" or "messages"): its context,
+    and the answer when a plugin gave one (a cache hit)."""
     gw = request.app[GATEWAY]
     body, size = await read_json(request, gw.config.server.max_body_bytes)
-    ctx = core.new_context(request, gw, body, size, "chat")
-    _validate_chat(body)
+    ctx = core.new_context(request, gw, body, size, endpoint)
+    validate(body)
     ctx.stream = body.get("stream") is True
-    answer = await core.admit(gw, ctx)
+    return ctx, await core.admit(gw, ctx)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx, answer = await begin(request, "chat", _validate_chat)
     if answer is not None:
         return answer
+    gw, body = request.app[GATEWAY], ctx.body
     if ctx.stream:
         options = body.get("stream_options")
         ctx.added_include_usage = not (isinstance(options, dict) and options.get("include_usage") is True)

@@ -88,10 +88,14 @@ TAGS = {
     "Health": "Liveness, readiness, detailed health, Prometheus.",
     "Docs": "This document and its browsable reference.",
     "GraphQL": "Queries and mutations over HTTP POST; subscriptions over WebSocket (docs/graphql.md).",
+    "Anthropic Messages API": "Anthropic's wire format, for Claude Code and the anthropic SDKs; errors in "
+    "Anthropic's shape (docs/anthropic.md).",
 }
 
 
 def _tag(path: str) -> str:
+    if path.startswith("/v1/messages"):
+        return "Anthropic Messages API"
     if path.startswith("/v1/"):
         return "OpenAI-compatible"
     if path.startswith("/admin/"):
@@ -151,7 +155,7 @@ def _paths() -> dict[str, dict[str, Any]]:
         """Document one operation; ``statuses`` are its error answers (native shape under the native
         API). Health and docs routes are public unless ``security`` says otherwise."""
         tag = _tag(path)
-        prefix = "Native" if tag == "Native API" else ""
+        prefix = {"Native API": "Native", "Anthropic Messages API": "Anthropic"}.get(tag, "")
         errors = {str(s): {"$ref": f"#/components/responses/{prefix}Error{s}"} for s in statuses}
         if security is None:
             security = PUBLIC if tag in ("Health", "Docs") else KEYED
@@ -178,6 +182,20 @@ def _paths() -> dict[str, dict[str, Any]]:
     add("post", "/v1/embeddings", "createEmbedding", "Embeddings",
         ok("The embeddings.", ref("EmbeddingResponse"), headers=COMPLETION_HEADERS), *COMPLETION_ERRORS,
         requestBody=body("EmbeddingRequest", {"model": "chat", "input": "hello"}))
+    message = {"model": "chat", "max_tokens": 256, "messages": [{"role": "user", "content": "Say hello."}]}
+    messages = ok("The Message (JSON), or with `stream: true` Anthropic's event stream.", ref("Message"),
+                  headers=COMPLETION_HEADERS)
+    messages["200"]["content"].update(_content("text/event-stream", ref("MessageStreamEvent")))
+    add("post", "/v1/messages", "createMessage", "Message (Anthropic's Messages API)", messages,
+        *COMPLETION_ERRORS, requestBody=body("MessagesRequest", message),
+        description="Keys in `x-api-key` or `Authorization: Bearer`. To an `anthropic` target the body and "
+        "the answer pass through (the client's `anthropic-version` and `anthropic-beta` forwarded); to an "
+        "OpenAI-compatible target both are translated. A failure after the stream started is an "
+        "`event: error`.")
+    add("post", "/v1/messages/count_tokens", "countMessageTokens", "Count a message's input tokens",
+        ok("The count; `x-gateway-token-count` says `exact` (an Anthropic target counted) or `estimate`.",
+           ref("TokenCount")), 400, 401, 403, 404, 413, 503,
+        requestBody=body("CountTokensRequest", {"model": "chat", "messages": message["messages"]}))
     add("get", "/v1/models", "listModels", "Models this key may use", ok("The models.", ref("ModelList")),
         401, 503)
 
@@ -303,7 +321,11 @@ def _error_responses() -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status, description in ERRORS.items():
         headers = _headers("Retry-After", *RATE_LIMIT_HEADERS) if status == 429 else _headers()
-        for prefix, schema in (("", "OpenAIError"), ("Native", "NativeError")):
+        for prefix, schema in (
+            ("", "OpenAIError"),
+            ("Native", "NativeError"),
+            ("Anthropic", "AnthropicError"),
+        ):
             content = _content("application/json", ref(schema))
             responses[f"{prefix}Error{status}"] = {
                 "description": description,

@@ -509,4 +509,74 @@ STREAMS: dict[str, Schema] = {
     ),
 }
 
-SCHEMAS: dict[str, Schema] = {**OPENAI, **NATIVE, **OPERATIONS, **STREAMS}
+ANTHROPIC: dict[str, Schema] = {
+    "AnthropicError": obj(
+        {
+            "type": {"const": "error"},
+            "error": obj(
+                {
+                    "type": {
+                        "type": "string",
+                        "examples": ["invalid_request_error", "authentication_error", "rate_limit_error"],
+                    },
+                    "message": STRING,
+                },
+                "*",
+            ),
+        },
+        "*",
+        description="Anthropic's error shape (the type follows the status: docs/errors.md).",
+    ),
+    "MessagesRequest": obj(
+        {
+            "model": {"type": "string", "minLength": 1, "description": "A model name of GET /v1/models."},
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "messages": array(
+                obj(
+                    {"role": {"enum": ["user", "assistant"]}, "content": {"type": ["string", "array"]}},
+                    ("role", "content"),
+                ),
+                minItems=1,
+            ),
+            "system": {"type": ["string", "array"]},
+            "stream": BOOLEAN,
+            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+            "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+            "stop_sequences": array(STRING),
+            "tools": array({"type": "object"}),
+            "tool_choice": {"type": "object"},
+            "metadata": {"type": "object"},
+        },
+        ("model", "max_tokens", "messages"),
+        description="Anthropic's Messages request. Other fields (thinking, top_k, ...) go to an Anthropic "
+        "target as they are (all but service_tier) and are not sent to an OpenAI-compatible one.",
+        additionalProperties=True,
+    ),
+    "Message": obj(
+        {
+            "id": STRING,
+            "type": {"const": "message"},
+            "role": {"const": "assistant"},
+            "model": STRING,
+            "content": array({"type": "object", "required": ["type"]}),
+            "stop_reason": null("string"),
+            "stop_sequence": null("string"),
+            "usage": obj({"input_tokens": COUNT, "output_tokens": COUNT}, "*"),
+        },
+        ("id", "type", "role", "content", "usage"),
+    ),
+    "CountTokensRequest": obj(
+        {
+            "model": {"type": "string", "minLength": 1},
+            "messages": array({"type": "object"}),
+            "system": {"type": ["string", "array"]},
+            "tools": array({"type": "object"}),
+        },
+        ("model", "messages"),
+        additionalProperties=True,
+    ),
+    "TokenCount": obj({"input_tokens": COUNT}, "*"),
+    "MessageStreamEvent": sse_event({"type": "object", "required": ["type"]}, error=ref("AnthropicError")),
+}
+
+SCHEMAS: dict[str, Schema] = {**OPENAI, **NATIVE, **OPERATIONS, **STREAMS, **ANTHROPIC}

@@ -1,6 +1,7 @@
 """Provider adapters behind one small interface (``gateway.providers.base.Provider``)."""
 
 from gateway.config import ProviderConfig
+from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import Provider
 from gateway.providers.deepseek import DeepSeekProvider
 from gateway.providers.openai_compat import OpenAICompatProvider
@@ -10,6 +11,7 @@ ADAPTERS: dict[str, type[Provider]] = {
     "openai": OpenAICompatProvider,
     "openrouter": OpenRouterProvider,
     "deepseek": DeepSeekProvider,
+    "anthropic": AnthropicProvider,
     "mock": OpenAICompatProvider,  # the built-in mock speaks plain OpenAI
 }
 

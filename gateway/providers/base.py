@@ -7,8 +7,8 @@ upstream. Adapters differ in the headers they add and in the quirks ``gateway.re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import aiohttp
 import yarl
@@ -38,11 +38,33 @@ class Provider:
             **config.headers,
         }
         if config.api_key:
-            headers["Authorization"] = f"Bearer {config.api_key}"
+            headers.update(self.credentials(config.api_key))
         self.headers: Mapping[str, str] = headers
 
     def default_headers(self) -> dict[str, str]:
         return {}
+
+    def credentials(self, api_key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
+
+    # The wire format. An OpenAI-compatible provider is sent the client's own body (less what
+    # gateway.steering strips) and its answer is relayed byte for byte; one that ``translates`` is
+    # sent ``chat_body`` at ``chat_path`` and its answers come back through ``chat_answer`` and
+    # ``chat_stream`` (AnthropicProvider).
+    translates: ClassVar[bool] = False
+    wire: ClassVar[str] = "openai"  # the API it speaks: "openai" or "anthropic"
+    chat_path: ClassVar[str] = "/chat/completions"
+
+    def chat_body(self, body: dict[str, Any], model: str, max_output_tokens: int | None) -> bytes:
+        raise NotImplementedError
+
+    def chat_answer(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """An upstream answer as a ``chat.completion``."""
+        raise NotImplementedError
+
+    def chat_stream(self) -> Callable[[bytes], bytes]:
+        """A new request's translator: upstream stream bytes in, OpenAI chunk events out."""
+        raise NotImplementedError
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -75,8 +97,12 @@ class Provider:
             await self._session.close()
             self._session = None
 
-    async def post(self, path: str, body: bytes, *, stream: bool) -> aiohttp.ClientResponse:
-        headers = self.headers
+    async def post(
+        self, path: str, body: bytes, *, stream: bool, headers: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """``headers``: per-request ones the relay chose to forward, from a fixed list of names
+        (Anthropic's version and betas): never credentials."""
+        headers = {**self.headers, **headers} if headers else self.headers
         if stream:
             headers = {**headers, "Accept": "text/event-stream"}
         url = self._urls.get(path)
