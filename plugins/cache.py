@@ -4,6 +4,9 @@ Key: SHA-256 of the canonical request (model name as the client sent it, message
 other parameter — except ``stream``, ``stream_options``, ``user`` and ``metadata``, which cannot change
 the answer), namespaced per team (``cache.shared`` opts into one namespace for everyone).
 
+``/v1/messages`` requests (Anthropic's format) have entries of their own, stored as a Message and
+replayed as JSON or as its event stream.
+
 Only successful, complete answers are stored (a stream only if it ended with ``[DONE]``), within
 ``max_entry_bytes``. A hit is replayed as JSON or SSE, whichever the client asked for, with the cached
 usage; its tokens are not charged to the team's token limits or budgets (it still counts as a request
@@ -32,6 +35,7 @@ from aiohttp import web
 from gateway import metrics
 from gateway.config import CacheConfig, IdentityNeed, ModelConfig
 from gateway.context import CachePlan, RequestContext, Usage
+from gateway.formats import anthropic
 from gateway.pipeline import Services
 from gateway.relay import SSE_HEADERS
 from gateway.replay import json_to_sse, sse_for_client, sse_to_json
@@ -61,7 +65,7 @@ class CachePlugin:
         model = ctx.model.cache
         s = self.settings
         enabled = s.enabled if model.enabled is None else model.enabled
-        if not enabled or ctx.endpoint != "chat" or not ctx.model.targets:
+        if not enabled or ctx.endpoint not in ("chat", "messages") or not ctx.model.targets:
             return None
         deterministic_only = (
             s.deterministic_only if model.deterministic_only is None else model.deterministic_only
@@ -87,6 +91,8 @@ class CachePlugin:
         canonical = {k: v for k, v in ctx.body.items() if k not in IGNORED_FIELDS}
         digest = hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
         namespace = "_shared" if self.settings.shared else (ctx.team or "_anonymous")
+        if ctx.endpoint == "messages":  # Anthropic's format: entries of their own
+            digest = "msg-" + digest
         return f"{self.prefix}:cache:{namespace}:{ctx.model.name}:{digest}"
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
@@ -160,6 +166,10 @@ class CachePlugin:
         headers = ctx.response_headers
         headers["x-gateway-cache"] = "hit"
         headers["Age"] = str(max(0, int(time.time() - entry.get("created", time.time()))))
+        if ctx.endpoint == "messages":  # stored as a Message (JSON), replayed as one or as its events
+            if ctx.stream:
+                return web.Response(body=anthropic.message_events(orjson.loads(body)), headers=SSE_HEADERS)
+            return web.Response(body=body, content_type="application/json")
         if ctx.stream:
             data = (
                 json_to_sse(body, include_usage)
@@ -186,7 +196,12 @@ class CachePlugin:
         return self._store(plan, entry)
 
     def _entry(self, ctx: RequestContext) -> bytes | None:
-        if ctx.record is not None:
+        if ctx.endpoint == "messages":
+            message = _message(ctx)
+            if message is None:
+                return None
+            kind, body = "json", message
+        elif ctx.record is not None:
             kind, body = "sse", b"".join(ctx.record)
         elif ctx.response_body is not None:
             kind, body = "json", ctx.response_body
@@ -220,6 +235,20 @@ class CachePlugin:
         future = self.inflight.pop(plan.key, None)
         if future is not None and not future.done():
             future.set_result(entry)
+
+
+def _message(ctx: RequestContext) -> bytes | None:
+    """What a /v1/messages request got, as a Message: its JSON answer, or its stream assembled — an
+    Anthropic target's own events, or the OpenAI chunks an OpenAI-compatible target sent."""
+    if ctx.record is None:
+        return ctx.response_body
+    stream = b"".join(ctx.record)
+    if stream.startswith(b"event:"):
+        message = anthropic.events_message(stream)
+    else:
+        usage = _usage_json(ctx.usage) if ctx.usage is not None else None
+        message = anthropic.chat_to_message(orjson.loads(sse_to_json(stream, usage)), ctx.model_name)
+    return orjson.dumps(message) if message is not None else None
 
 
 def _lock(key: str) -> str:

@@ -6,7 +6,7 @@ Keys come in ``x-api-key`` (as the SDK sends them) or ``Authorization: Bearer``.
 target the body goes up unchanged but for ``model`` and the answer (JSON or event stream) comes back
 byte for byte, the client's ``anthropic-version`` / ``anthropic-beta`` forwarded; to an
 OpenAI-compatible target both are translated (``gateway.formats.anthropic``). Errors take Anthropic's
-shape (the edge, ``gateway.server``). The cache does not serve this surface (yet).
+shape (the edge, ``gateway.server``). The cache stores these answers as Messages (plugins/cache.py).
 """
 
 from __future__ import annotations

@@ -740,3 +740,101 @@ class EventScanner:
     def finish(self) -> bytes:
         tail, self._pending = self._pending, b""
         return tail
+
+
+def message_events(message: dict[str, Any]) -> bytes:
+    """A Message as the event stream that would have carried it (a cached answer, replayed as a stream)."""
+    usage = message.get("usage") or {}
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {**usage, "output_tokens": 0},
+    }
+    out = [sse_event("message_start", {"message": start})]
+    for i, block in enumerate(message.get("content") or ()):
+        kind = block.get("type")
+        if kind == "text":
+            out.append(
+                sse_event("content_block_start", {"index": i, "content_block": {"type": "text", "text": ""}})
+            )
+            out.append(
+                sse_event(
+                    "content_block_delta",
+                    {"index": i, "delta": {"type": "text_delta", "text": block.get("text", "")}},
+                )
+            )
+        elif kind == "thinking":
+            empty = {"type": "thinking", "thinking": ""}
+            out.append(sse_event("content_block_start", {"index": i, "content_block": empty}))
+            thought = {"type": "thinking_delta", "thinking": block.get("thinking", "")}
+            out.append(sse_event("content_block_delta", {"index": i, "delta": thought}))
+            if block.get("signature"):
+                signature = {"type": "signature_delta", "signature": block["signature"]}
+                out.append(sse_event("content_block_delta", {"index": i, "delta": signature}))
+        elif kind == "tool_use":
+            head = {"type": "tool_use", "id": block.get("id"), "name": block.get("name"), "input": {}}
+            out.append(sse_event("content_block_start", {"index": i, "content_block": head}))
+            arguments = orjson.dumps(block.get("input") or {}).decode()
+            out.append(
+                sse_event(
+                    "content_block_delta",
+                    {"index": i, "delta": {"type": "input_json_delta", "partial_json": arguments}},
+                )
+            )
+        else:
+            out.append(sse_event("content_block_start", {"index": i, "content_block": block}))
+        out.append(sse_event("content_block_stop", {"index": i}))
+    delta = {"stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")}
+    out.append(
+        sse_event(
+            "message_delta", {"delta": delta, "usage": {"output_tokens": usage.get("output_tokens", 0)}}
+        )
+    )
+    out.append(sse_event("message_stop", {}))
+    return b"".join(out)
+
+
+def events_message(stream: bytes) -> dict[str, Any] | None:
+    """An Anthropic event stream assembled into its Message (to cache an answer that was streamed)."""
+    message: dict[str, Any] | None = None
+    blocks: dict[int, dict[str, Any]] = {}
+    arguments: dict[int, str] = {}
+    for raw in stream.replace(b"\r\n", b"\n").split(b"\n\n"):
+        payload = _data(raw)
+        try:
+            event = orjson.loads(payload) if payload else None
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        kind = event.get("type")
+        if kind == "message_start":
+            message = {**(event.get("message") or {}), "content": []}
+        elif kind == "content_block_start" and isinstance(event.get("index"), int):
+            blocks[event["index"]] = dict(event.get("content_block") or {})
+        elif kind == "content_block_delta" and event.get("index") in blocks:
+            index, delta = event["index"], event.get("delta") or {}
+            block = blocks[index]
+            kind = delta.get("type")
+            if kind == "text_delta":
+                block["text"] = block.get("text", "") + delta.get("text", "")
+            elif kind == "thinking_delta":
+                block["thinking"] = block.get("thinking", "") + delta.get("thinking", "")
+            elif kind == "signature_delta":
+                block["signature"] = delta.get("signature", "")
+            elif kind == "input_json_delta":
+                arguments[index] = arguments.get(index, "") + delta.get("partial_json", "")
+        elif kind == "message_delta" and message is not None:
+            message.update(event.get("delta") or {})
+            message["usage"] = {**(message.get("usage") or {}), **(event.get("usage") or {})}
+    if message is None:
+        return None
+    for index, text in arguments.items():
+        try:
+            blocks[index]["input"] = orjson.loads(text) if text else {}
+        except orjson.JSONDecodeError:
+            return None
+    message["content"] = [blocks[i] for i in sorted(blocks)]
+    return message

@@ -189,3 +189,53 @@ async def test_a_client_that_leaves_cancels_the_upstream(upstream: Upstream, mak
                 break  # the client goes away mid-stream
     record = upstream.state.requests[-1]
     await eventually(lambda: record.disconnected, within=3)
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+async def test_an_upstream_lost_mid_stream_is_an_error_event(
+    upstream: Upstream, make_gateway, kind: str
+) -> None:
+    target = "claude-sonnet-4-5:cut_after=4" if kind == "anthropic" else "mock-chat:cut_after=2"
+    gw = await make_gateway(config(upstream, kind, target))
+    kinds: list[str] = []
+    async with client(gw) as c:
+        with pytest.raises(anthropic.APIStatusError) as info:
+            async with c.messages.stream(
+                model="claude", max_tokens=10, messages=[{"role": "user", "content": "a b c d e f"}]
+            ) as s:
+                async for event in s:
+                    kinds.append(event.type)
+    assert kinds[0] == "message_start" and "content_block_delta" in kinds  # it had started
+    assert info.value.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "the upstream connection was lost mid-stream"},
+    }
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+async def test_the_cache_answers_again_in_either_form(upstream: Upstream, make_gateway, kind: str) -> None:
+    cfg = config(upstream, kind)
+    cfg["plugins"] = [*cfg["plugins"], "cache"]
+    cfg["cache"] = {"enabled": True, "ttl_seconds": 60}
+    gw = await make_gateway(cfg)
+    ask = [{"role": "user", "content": "cache me"}]
+    async with client(gw) as c:
+        async with c.messages.stream(model="claude", max_tokens=20, messages=ask) as stream:
+            streamed = await stream.get_final_message()
+        await gw.gateway.pipeline.drain()  # the cache write runs after the answer
+        calls = len(upstream.state.requests)
+        raw = await c.messages.with_raw_response.create(model="claude", max_tokens=20, messages=ask)
+        assert raw.headers["x-gateway-cache"] == "hit"
+        again = await raw.parse()
+        async with c.messages.stream(model="claude", max_tokens=20, messages=ask) as stream:
+            kinds = [e.type async for e in stream]
+            replayed = await stream.get_final_message()
+    assert len(upstream.state.requests) == calls  # both answered from the cache
+    assert (
+        again.content[0].text
+        == streamed.content[0].text
+        == replayed.content[0].text
+        == "Mock answer: cache me"
+    )  # type: ignore[union-attr]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert again.usage.output_tokens == streamed.usage.output_tokens

@@ -129,3 +129,28 @@ def test_tool_choice_and_parallel_calls() -> None:
         "disable_parallel_tool_use": True,
     }
     assert "tool_choice" not in chat_to_messages({**base, "tools": None, "tool_choice": "auto"}, "m", None)
+
+
+def test_a_message_and_its_event_stream_make_each_other() -> None:
+    """The cache stores a Message and replays it as a stream, or assembles a stream into one."""
+    from gateway.formats.anthropic import events_message, message_events
+
+    message = {
+        "id": "msg_3",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude",
+        "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "t", "name": "f", "input": {"a": [1, {"b": "c"}]}},
+        ],
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 12},
+    }
+    stream = message_events(message)
+    kinds = [orjson.loads(e.split(b"data: ", 1)[1])["type"] for e in stream.split(b"\n\n") if e]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 3
+    assert events_message(stream) == message
