@@ -11,6 +11,11 @@ With ``--native``, a fourth target, ``native``: the same gateway process driven 
 API (``/api/v1/llm/complete`` and ``.../complete/stream``) instead of ``/v1/chat/completions``, with
 the median of the per-round ratios native/gateway for req/s and CPU per request.
 
+With ``--messages``, a target ``messages``: the same gateway process again, driven at Anthropic's
+Messages API (``/v1/messages``, an Anthropic body, ``x-api-key``) for model ``bench-claude``, whose only
+target is an ``anthropic`` provider on the same mock (its ``/v1/messages``), with the median of the
+per-round ratios messages/gateway (issue #14: at most 1.1x the CPU per request of ``gateway``).
+
 With ``--plugins``, the gateway runs ``load/bench-plugins.yaml`` (auth, limits, budgets) against a
 private Redis that bench.py starts. With ``--peers litellm,portkey``, other gateways (``load/peers.py``
 installs them into ``load/.peers/``) take their turn in the same rounds against the same mock, and a
@@ -24,6 +29,7 @@ medians plus the median of the per-round ratios gateway/bare and gateway/direct.
     .venv/bin/python load/bench.py --quick          # smoke run (~1 min)
     .venv/bin/python load/bench.py --json out.json  # also write a JSON summary
     .venv/bin/python load/bench.py --native         # also the native API on the same gateway
+    .venv/bin/python load/bench.py --messages       # also /v1/messages to an anthropic target
     .venv/bin/python load/bench.py --plugins --peers litellm,portkey --rounds 2 --duration 3
 """
 
@@ -61,11 +67,17 @@ PATH = "/v1/chat/completions"
 TARGETS = ("direct", "bare", "gateway")
 NATIVE = "native"  # --native: the gateway process again, through its native API
 NATIVE_PATHS = {"non-stream": "/api/v1/llm/complete", "stream": "/api/v1/llm/complete/stream"}
+MESSAGES = "messages"  # --messages: the gateway process again, Anthropic's Messages API
+MESSAGES_PATH = "/v1/messages"
+MESSAGES_MODEL = "bench-claude"  # load/bench.yaml's model whose only target is an `anthropic` provider
+MESSAGES_MAX_TOKENS = 16
+ANTHROPIC_VERSION = "2023-06-01"  # what the anthropic SDKs send; the gateway forwards it upstream
 MODES = ("non-stream", "stream")
 UPSTREAM_MODEL = "mock-chat"  # must match the target model in load/bench.yaml
 GOAL_THROUGHPUT = 0.8  # gateway req/s >= 0.8x bare proxy
 GOAL_P50_C1_MS = 0.3  # gateway p50 at concurrency 1 within 0.3 ms of the bare proxy
 GOAL_NATIVE_CPU = 1.1  # a native non-stream completion costs <= 1.1x the CPU of the same on /v1
+GOAL_MESSAGES_CPU = 1.1  # /v1/messages to an anthropic target <= 1.1x /v1/chat/completions to openai
 
 PLUGINS_CONFIG = HERE / "bench-plugins.yaml"
 PLUGINS_API_KEY = "bench-team-key-0123456789"  # the team key in load/bench-plugins.yaml
@@ -286,6 +298,8 @@ class Request(NamedTuple):
 
 
 def request_path(target: str, mode: str) -> str:
+    if target == MESSAGES:
+        return MESSAGES_PATH
     return NATIVE_PATHS[mode] if target == NATIVE else PATH
 
 
@@ -297,6 +311,10 @@ def request_body(target: str, model: str, stream: bool, chunks: int) -> bytes:
     body: dict[str, Any]
     if target == NATIVE:  # the same request in the native shape; the path says whether it streams
         body = {"messages": messages, "options": {"model": model}}
+    elif target == MESSAGES:  # Anthropic's shape: max_tokens is required
+        body = {"model": model, "max_tokens": MESSAGES_MAX_TOKENS, "messages": messages}
+        if stream:
+            body["stream"] = True
     else:
         body = {"model": model, "messages": messages}
         if stream:
@@ -308,17 +326,25 @@ def validate(target: str, mode: str, status: int, content_type: str, data: bytes
     if status != 200:
         raise BenchError(f"{target} ({mode}) answered HTTP {status}: {data[:300]!r}")
     if mode == "stream":
-        complete = native_stream_done if target == NATIVE else openai_stream_done
+        complete = {NATIVE: native_stream_done, MESSAGES: anthropic_stream_done}.get(
+            target, openai_stream_done
+        )
         if not content_type.startswith("text/event-stream") or not complete(data):
             raise BenchError(f"{target} ({mode}) did not stream a complete answer: {data[:300]!r}")
     else:
-        key = "content" if target == NATIVE else "choices"
+        key = "content" if target in (NATIVE, MESSAGES) else "choices"
         if f'"{key}"'.encode() not in data:
             raise BenchError(f"{target} ({mode}) answer has no {key}: {data[:300]!r}")
 
 
 def openai_stream_done(data: bytes) -> bool:
     return data.rstrip().endswith(b"data: [DONE]")
+
+
+def anthropic_stream_done(data: bytes) -> bool:
+    """Anthropic's stream ends with ``event: message_stop`` (no [DONE])."""
+    last = data.rstrip().rsplit(b"\n\n", 1)[-1].strip()
+    return last.startswith(b"event: message_stop")
 
 
 def native_stream_done(data: bytes) -> bool:
@@ -446,7 +472,7 @@ def lua_str(value: str) -> str:
 
 @dataclass
 class Servers:
-    ports: dict[str, int]  # per target ("native" is the gateway's port)
+    ports: dict[str, int]  # per target ("native" and "messages" are the gateway's port)
     pids: dict[str, int]  # per server: "mock", "bare", "gateway", "redis" (a private one), each peer
     targets: dict[str, list[str]] = field(default_factory=dict)  # per mode: the targets that run
     peers: dict[str, peer_defs.Peer] = field(default_factory=dict)  # the peers that started
@@ -538,7 +564,7 @@ def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) ->
         env={"BENCH_MOCK_PORT": str(ports["direct"]), **({"BENCH_REDIS_URL": url} if url else {})},
         stdout=args.gateway_log,  # the access log is written (it is part of the hot path), to /dev/null
     )
-    ports[NATIVE] = ports["gateway"]
+    ports[NATIVE] = ports[MESSAGES] = ports["gateway"]
     pids.update(mock=mock.popen.pid, bare=bare.popen.pid, gateway=gateway.popen.pid)
     servers = Servers(ports, pids, targets={mode: list(args.targets) for mode in args.modes})
     deadline = time.monotonic() + 20
@@ -634,7 +660,7 @@ def stop_peer(procs: Processes, servers: Servers, name: str) -> None:
     servers.pids.pop(name, None)
 
 
-SUT_PID = {"direct": "mock", "bare": "bare", "gateway": "gateway", NATIVE: "gateway"}
+SUT_PID = {"direct": "mock", "bare": "bare", "gateway": "gateway", NATIVE: "gateway", MESSAGES: "gateway"}
 
 
 def server_of(target: str) -> str:
@@ -643,12 +669,20 @@ def server_of(target: str) -> str:
 
 
 def model_for(target: str, args: argparse.Namespace) -> str:
+    if target == MESSAGES:
+        return str(args.messages_model)
     return args.model if server_of(target) == "gateway" else UPSTREAM_MODEL
 
 
-def gateway_headers(args: argparse.Namespace) -> dict[str, str]:
+def gateway_headers(args: argparse.Namespace, target: str = "gateway") -> dict[str, str]:
     # The gateway's team key when the config has auth on (load/bench-plugins.yaml); the mock and the
-    # bare proxy ignore it.
+    # bare proxy ignore it. /v1/messages gets it as the anthropic SDKs send it: x-api-key.
+    if target == MESSAGES:
+        return {
+            "Content-Type": "application/json",
+            "x-api-key": args.api_key,
+            "anthropic-version": ANTHROPIC_VERSION,
+        }
     return {"Content-Type": "application/json", "Authorization": f"Bearer {args.api_key}"}
 
 
@@ -659,7 +693,7 @@ def requests_for(args: argparse.Namespace, mode: str, servers: Servers | None = 
         t: Request(
             request_path(t, mode),
             request_body(t, model_for(t, args), stream, args.chunks),
-            gateway_headers(args),
+            gateway_headers(args, t),
         )
         for t in args.targets
     }
@@ -870,19 +904,19 @@ def per_round_ratio(table: Table, num: str, den: str, key: str, rounds: range) -
     return median(round_ratios(table, num, den, key, rounds))
 
 
-def native_ratios(at_c: Table, rounds: range) -> dict[str, Any]:
-    """--native: the native API over /v1 on the same gateway, median of per-round ratios and each
-    round's, for req/s and for CPU per request."""
+def over_gateway_ratios(at_c: Table, target: str, rounds: range) -> dict[str, Any]:
+    """--native, --messages: another API of the same gateway over /v1/chat/completions, median of
+    per-round ratios and each round's, for req/s and for CPU per request."""
     out: dict[str, Any] = {}
     for name, key in (("rps", "rps"), ("cpu_per_req", "sut_cpu_us_per_req")):
-        out[f"native_over_gateway_{name}"] = per_round_ratio(at_c, NATIVE, "gateway", key, rounds)
-        out[f"native_over_gateway_{name}_per_round"] = round_ratios(at_c, NATIVE, "gateway", key, rounds)
+        out[f"{target}_over_gateway_{name}"] = per_round_ratio(at_c, target, "gateway", key, rounds)
+        out[f"{target}_over_gateway_{name}_per_round"] = round_ratios(at_c, target, "gateway", key, rounds)
     return out
 
 
-def native_goal(cpu_ratio: float | None) -> dict[str, Any]:
-    met = cpu_ratio is not None and cpu_ratio <= GOAL_NATIVE_CPU
-    return {"goal": f"<= {GOAL_NATIVE_CPU}", "value": cpu_ratio, "met": met}
+def cpu_goal(cpu_ratio: float | None, limit: float) -> dict[str, Any]:
+    met = cpu_ratio is not None and cpu_ratio <= limit
+    return {"goal": f"<= {limit}", "value": cpu_ratio, "met": met}
 
 
 def per_round_diff(table: Table, a: str, b: str, key: str, rounds: range) -> float | None:
@@ -957,10 +991,14 @@ def summarize(
             "p50_c1_vs_bare_ms": {"goal": f"<= {GOAL_P50_C1_MS}", "value": lat, "met": lat <= GOAL_P50_C1_MS},
         }
         if args.native:
-            ratios[mode].update(native_ratios(at_c, rounds))
+            ratios[mode].update(over_gateway_ratios(at_c, NATIVE, rounds))
             if mode == "non-stream":  # the issue's bar is on non-stream completions
                 cpu = ratios[mode]["native_over_gateway_cpu_per_req"]
-                goals[mode]["native_cpu_vs_gateway"] = native_goal(cpu)
+                goals[mode]["native_cpu_vs_gateway"] = cpu_goal(cpu, GOAL_NATIVE_CPU)
+        if MESSAGES in args.targets:  # issue #14: judged in both modes
+            ratios[mode].update(over_gateway_ratios(at_c, MESSAGES, rounds))
+            cpu = ratios[mode]["messages_over_gateway_cpu_per_req"]
+            goals[mode]["messages_cpu_vs_gateway"] = cpu_goal(cpu, GOAL_MESSAGES_CPU)
     return {
         "settings": {
             "rounds": args.rounds,
@@ -968,6 +1006,7 @@ def summarize(
             "concurrency": args.concurrency,
             "modes": list(args.modes),
             "stream_content_chunks": args.chunks,
+            "messages_model": args.messages_model if MESSAGES in args.targets else None,
             "config": str(args.config),
             "redis": args.redis,
             "peers": list(args.peers),
@@ -1003,6 +1042,7 @@ def describe_servers(args: argparse.Namespace, servers: Servers | None) -> dict[
         "bare": "load/bare_proxy.py",
         "gateway": f"llm-gateway, {display_path(args.config)}",
         NATIVE: "llm-gateway, native API",
+        MESSAGES: f"llm-gateway, /v1/messages to {getattr(args, 'messages_model', MESSAGES_MODEL)}",
     }
     out = {}
     for target in [*args.targets, *args.peers]:
@@ -1101,7 +1141,9 @@ def render(result: dict[str, Any]) -> str:
             f"{fmt(r['bare_minus_direct_p50_c1_ms'], '+.3f')} ms",
         ]
         if "native_over_gateway_rps" in r:
-            lines += render_native(r, g.get("native_cpu_vs_gateway"))
+            lines += render_over_gateway(r, NATIVE, g.get("native_cpu_vs_gateway"), GOAL_NATIVE_CPU)
+        if "messages_over_gateway_rps" in r:
+            lines += render_over_gateway(r, MESSAGES, g.get("messages_cpu_vs_gateway"), GOAL_MESSAGES_CPU)
     lines += render_side_by_side(result)
     targets = max(1, len(next(iter(result["summary"].values()))))
     redone = len(result.get("discarded_runs", ())) // (2 * targets)
@@ -1150,16 +1192,20 @@ def render_side_by_side(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_native(r: dict[str, Any], goal: dict[str, Any] | None) -> list[str]:
+def render_over_gateway(
+    r: dict[str, Any], target: str, goal: dict[str, Any] | None, limit: float
+) -> list[str]:
     def per_round(key: str) -> str:
         return "per round " + ", ".join(f"{x:.2f}" for x in r[f"{key}_per_round"])
 
-    judged = f"goal <= {GOAL_NATIVE_CPU}: {'met' if goal['met'] else 'NOT met'}; " if goal else ""
+    judged = f"goal <= {limit}: {'met' if goal['met'] else 'NOT met'}; " if goal else ""
+    name = f"{target}/gateway"
+    name = f"{name:<{max(15, len(name) + 1)}}"  # the gateway/bare lines' column, or one space more
     return [
-        f"    native/gateway req/s      {fmt(r['native_over_gateway_rps'], '.2f')}x   "
-        f"({per_round('native_over_gateway_rps')})",
-        f"    native/gateway cpu/req    {fmt(r['native_over_gateway_cpu_per_req'], '.2f')}x   "
-        f"({judged}{per_round('native_over_gateway_cpu_per_req')})",
+        f"    {name}req/s      {fmt(r[f'{target}_over_gateway_rps'], '.2f')}x   "
+        f"({per_round(f'{target}_over_gateway_rps')})",
+        f"    {name}cpu/req    {fmt(r[f'{target}_over_gateway_cpu_per_req'], '.2f')}x   "
+        f"({judged}{per_round(f'{target}_over_gateway_cpu_per_req')})",
     ]
 
 
@@ -1253,6 +1299,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="add target `native`: the same gateway through /api/v1/llm/complete[/stream]",
     )
+    p.add_argument(
+        "--messages",
+        action="store_true",
+        help="add target `messages`: the same gateway through /v1/messages (Anthropic's API) to a model "
+        "whose target is an `anthropic` provider on the mock (--messages-model)",
+    )
+    p.add_argument(
+        "--messages-model",
+        default=MESSAGES_MODEL,
+        help=f"with --messages: the model sent to /v1/messages (default {MESSAGES_MODEL}, load/bench*.yaml)",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 if a goal is not met")
     args = p.parse_args(argv)
     if args.quick:
@@ -1261,7 +1318,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.duration < 1 or args.concurrency < 1 or args.chunks < 3:
         p.error("--rounds, --duration and --concurrency must be >= 1, --chunks >= 3")
     args.modes = MODES if args.mode == "both" else (args.mode,)
-    args.targets = (*TARGETS, NATIVE) if args.native else TARGETS
+    args.targets = (*TARGETS, *((NATIVE,) if args.native else ()), *((MESSAGES,) if args.messages else ()))
     if args.config is None:
         args.config = PLUGINS_CONFIG if args.plugins else HERE / "bench.yaml"
     if args.api_key is None:
