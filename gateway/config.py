@@ -27,6 +27,7 @@ PLUGIN_NEEDS_IDENTITY: Mapping[str, IdentityNeed] = {
     "rate_limit": "required",
     "quota": "required",
     "cache": "after_auth",
+    "guardrails": "after_auth",  # a team's own rules (teams[].guardrails), else every rule
 }
 KNOWN_PLUGINS = tuple(PLUGIN_NEEDS_IDENTITY)
 DEFAULT_PLUGINS = ("auth", "rate_limit", "quota", "cache")
@@ -138,6 +139,7 @@ class TeamConfig:
     limits: Limits = Limits()
     budgets: Budgets = Budgets()
     model_limits: Mapping[str, Limits] = field(default_factory=dict)  # per team+model
+    guardrails: tuple[str, ...] | None = None  # the guardrail rules for this team; None: every rule
 
     def public(self) -> dict[str, Any]:
         """The team as the admin API shows it: the config fields minus api_keys."""
@@ -147,6 +149,7 @@ class TeamConfig:
             "limits": _present(self.limits),
             "budgets": _present(self.budgets),
             "model_limits": {m: _present(lim) for m, lim in self.model_limits.items()},
+            "guardrails": list(self.guardrails) if self.guardrails is not None else None,
         }
 
 
@@ -237,6 +240,28 @@ class CacheConfig:
     coalesce_timeout_seconds: float = 30.0
 
 
+GUARDRAIL_ACTIONS = ("block", "redact", "flag")
+GUARDRAIL_DIRECTIONS = ("input", "output", "both")
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailRule:
+    """One content rule (gateway.guardrails): a ``pattern`` (RE2 syntax) or a built-in ``detector``."""
+
+    name: str
+    action: str  # block | redact | flag
+    applies_to: str = "both"  # input | output | both
+    pattern: str | None = None
+    detector: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailsConfig:
+    rules: tuple[GuardrailRule, ...] = ()
+    # Text scanned per request at most: a request with more text is refused (413), never half-checked.
+    max_scan_chars: int = 1_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class GraphQLConfig:
     enabled: bool = True
@@ -285,6 +310,7 @@ class Config:
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     graphql: GraphQLConfig = GraphQLConfig()
+    guardrails: GuardrailsConfig = GuardrailsConfig()
     plugins: tuple[str, ...] = DEFAULT_PLUGINS
     source: str = "<memory>"
 

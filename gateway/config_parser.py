@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway.config import (
+    GUARDRAIL_ACTIONS,
+    GUARDRAIL_DIRECTIONS,
     KNOWN_PLUGINS,
     PLUGIN_NEEDS_IDENTITY,
     PROVIDER_TYPES,
@@ -38,6 +40,8 @@ from gateway.config import (
     Config,
     ConfigError,
     GraphQLConfig,
+    GuardrailRule,
+    GuardrailsConfig,
     HealthConfig,
     JwtConfig,
     Limits,
@@ -56,6 +60,7 @@ from gateway.config import (
     Timeouts,
     hash_key,
 )
+from gateway.guardrails.detectors import DETECTORS, compile_pattern
 from gateway.steering import STEERING_FIELDS
 
 if TYPE_CHECKING:
@@ -256,16 +261,23 @@ def _config(root: _Reader, source: str) -> Config:
         "admin",
         "plugins",
         "graphql",
+        "guardrails",
     )
     server = _server(root.child("server"))
     providers = _providers(root)
     provider_names = {p.name for p in providers}
     models = _models(root, provider_names)
+    guardrails = _guardrails(root.child("guardrails"))
+    plugins = _plugins(root)
+    if guardrails.rules and "guardrails" not in plugins:
+        root.problem(
+            "guardrails", "rules are set but the guardrails plugin is not in plugins (none would apply)"
+        )
     return Config(
         server=server,
         providers=providers,
         models=models,
-        teams=_teams(root, {m.name for m in models}),
+        teams=_teams(root, {m.name for m in models}, {rule.name for rule in guardrails.rules}),
         routing=_routing(root.child("routing"), provider_names),
         redis=_redis(root.child("redis")),
         cache=_cache(root.child("cache")),
@@ -274,8 +286,9 @@ def _config(root: _Reader, source: str) -> Config:
         health=_health(root.child("health")),
         metrics=_metrics(root.child("metrics")),
         rate_limiting=_rate_limiting(root.child("rate_limiting")),
-        plugins=_plugins(root),
+        plugins=plugins,
         graphql=_graphql(root.child("graphql")),
+        guardrails=guardrails,
         source=source,
     )
 
@@ -492,27 +505,35 @@ def _target_limits_agree(r: _Reader, models: tuple[ModelConfig, ...]) -> None:
 # --- teams[] ---------------------------------------------------------------------------------------------
 
 
-def _teams(root: _Reader, model_names: set[str]) -> tuple[TeamConfig, ...]:
-    teams = tuple(_team(t, model_names) for t in root.items("teams"))
+def _teams(root: _Reader, model_names: set[str], rule_names: set[str]) -> tuple[TeamConfig, ...]:
+    teams = tuple(_team(t, model_names, rule_names) for t in root.items("teams"))
     _unique(root, "teams", [t.id for t in teams])
     return teams
 
 
-def parse_team(data: Any, model_names: set[str], *, path: str = "", with_keys: bool = False) -> TeamConfig:
-    """Validate one team (a ``teams`` entry, or an admin API body); raise ConfigError on problems."""
+def parse_team(
+    data: Any,
+    model_names: set[str],
+    *,
+    path: str = "",
+    with_keys: bool = False,
+    rule_names: set[str] | None = None,
+) -> TeamConfig:
+    """Validate one team (a ``teams`` entry, or an admin API body); raise ConfigError on problems.
+    ``rule_names``: the guardrail rules a team may name (None: not checked, a stored team read back)."""
     problems: list[str] = []
     r = _Reader(data, path, problems)
     if not with_keys and "api_keys" in r.data:
         r.problem("api_keys", "keys are created with POST /admin/keys, not set on a team")
-    team = _team(r, model_names)
+    team = _team(r, model_names, rule_names)
     if problems:
         raise ConfigError(problems)
     return team
 
 
-def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
+def _team(r: _Reader, model_names: set[str], rule_names: set[str] | None = None) -> TeamConfig:
     # TeamConfig's fields, but that the key api_keys gives key_hashes (``_api_keys``).
-    r.known("id", "api_keys", "models", "limits", "budgets", "model_limits")
+    r.known("id", "api_keys", "models", "limits", "budgets", "model_limits", "guardrails")
     team = _build(
         r,
         TeamConfig,
@@ -526,6 +547,9 @@ def _team(r: _Reader, model_names: set[str]) -> TeamConfig:
     for m in team.models or ():
         if m not in model_names:
             r.problem("models", f"unknown model {m!r}")
+    for name in team.guardrails or ():
+        if rule_names is not None and name not in rule_names:
+            r.problem("guardrails", f"unknown guardrail rule {name!r}")
     return team
 
 
@@ -734,6 +758,36 @@ def _plugins(root: _Reader) -> tuple[str, ...]:
     if len(set(plugins)) != len(plugins):
         root.problem("plugins", "lists a plugin twice")
     return plugins
+
+
+def _guardrails(r: _Reader) -> GuardrailsConfig:
+    r.known(*GuardrailsConfig.__slots__)
+    config = _build(r, GuardrailsConfig, rules=lambda r, key: tuple(_guardrail(x) for x in r.items(key)))
+    _unique(r, "rules", [rule.name for rule in config.rules])
+    if config.max_scan_chars < 1:
+        r.problem("max_scan_chars", "must be at least 1")
+    return config
+
+
+def _guardrail(r: _Reader) -> GuardrailRule:
+    r.known(*GuardrailRule.__slots__)
+    rule = _build(r, GuardrailRule)
+    if rule.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", rule.name):
+        r.problem("name", "must be 1-64 letters, digits, '.', '_' or '-' (it is a metric label)")
+    if rule.action and rule.action not in GUARDRAIL_ACTIONS:
+        r.problem("action", f"must be one of {', '.join(GUARDRAIL_ACTIONS)}, got {rule.action!r}")
+    if rule.applies_to not in GUARDRAIL_DIRECTIONS:
+        r.problem("applies_to", f"must be one of {', '.join(GUARDRAIL_DIRECTIONS)}, got {rule.applies_to!r}")
+    if (rule.pattern is None) == (rule.detector is None):
+        r.problem("", "needs exactly one of pattern and detector")
+    if rule.detector is not None and rule.detector not in DETECTORS:
+        r.problem("detector", f"must be one of {', '.join(DETECTORS)}, got {rule.detector!r}")
+    if rule.pattern is not None:
+        try:
+            compile_pattern(rule.pattern)
+        except ValueError as exc:
+            r.problem("pattern", str(exc))
+    return rule
 
 
 def _graphql(r: _Reader) -> GraphQLConfig:

@@ -128,6 +128,11 @@ TOKENS = Counter("llm_gateway_tokens", "Tokens used.", ["team", "model", "kind"]
 COST = Counter("llm_gateway_cost_usd", "Spend in USD.", ["team", "model"])
 CACHE_REQUESTS = Counter("llm_gateway_cache_requests", "Cache lookups by result.", ["result"])
 RATE_LIMITED = Counter("llm_gateway_rate_limited", "Requests refused by a limit.", ["team", "limit"])
+GUARDRAIL_ACTIONS = Counter(
+    "llm_gateway_guardrail_actions",
+    "Content guardrail actions: a rule that matched a request (input) or an answer (output).",
+    ["rule", "action", "direction"],
+)
 IN_FLIGHT = Gauge("llm_gateway_in_flight_requests", "Requests being served.", multiprocess_mode="livesum")
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from gateway.pipeline import Plugin, Services
 from plugins.auth import AuthPlugin
 from plugins.cache import CachePlugin
+from plugins.guardrails import GuardrailsPlugin
 from plugins.quota import QuotaPlugin
 from plugins.rate_limit import RateLimitPlugin
 
@@ -15,6 +16,7 @@ REGISTRY: dict[str, Callable[[Services], Plugin]] = {
     "rate_limit": RateLimitPlugin,
     "quota": QuotaPlugin,
     "cache": CachePlugin,
+    "guardrails": GuardrailsPlugin,
 }
 
 

@@ -206,7 +206,7 @@ def test_graphql_settings_are_validated() -> None:
         (
             minimal(colour=1),
             "colour: unknown key (expected one of: health, metrics, rate_limiting, server, redis, providers, "
-            "models, teams, routing, cache, auth, admin, plugins, graphql)",
+            "models, teams, routing, cache, auth, admin, plugins, graphql, guardrails)",
         ),
         (
             minimal(models=[{"name": "chat", "colour": 1, "targets": [{"provider": "p", "model": "m"}]}]),
@@ -216,7 +216,7 @@ def test_graphql_settings_are_validated() -> None:
         (
             minimal(teams=[{"id": "t", "colour": 1}]),
             "teams[0].colour: unknown key "
-            "(expected one of: id, api_keys, models, limits, budgets, model_limits)",
+            "(expected one of: id, api_keys, models, limits, budgets, model_limits, guardrails)",
         ),
         (
             minimal(auth={"colour": 1}),

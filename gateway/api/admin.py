@@ -57,11 +57,15 @@ def _models(gw: Gateway) -> set[str]:
     return {m.name for m in gw.config.models}
 
 
+def _rules(gw: Gateway) -> set[str]:
+    return {rule.name for rule in gw.config.guardrails.rules}
+
+
 async def create_team(request: web.Request) -> web.Response:
     gw = await require_admin(request)
     body = await _body(request)
     try:
-        team = parse_team(body, _models(gw))
+        team = parse_team(body, _models(gw), rule_names=_rules(gw))
     except ConfigError as exc:
         raise _invalid(exc) from None
     if team.id in gw.auth.config_teams or await gw.store.get_team(team.id) is not None:
@@ -110,7 +114,7 @@ async def patch_team(request: web.Request) -> web.Response:
         raise InvalidRequest("a team's id cannot change", param="id", code="invalid_field")
     merged = _merge_patch({k: v for k, v in current.items() if k != "source"}, body)
     try:
-        team = parse_team(merged, _models(gw))
+        team = parse_team(merged, _models(gw), rule_names=_rules(gw))
     except ConfigError as exc:
         raise _invalid(exc) from None
     await gw.store.put_team(team_id, team.public())

@@ -33,7 +33,8 @@ ERRORS = {
     403: "The key may not do this (`model_not_allowed`, `admin_required`, `admin_key_not_allowed`).",
     404: "No such model or resource (`model_not_found`).",
     409: "Conflict: the team exists already, or is defined in the config file (read-only here).",
-    413: "The request body is over `server.max_body_bytes` (`request_too_large`).",
+    413: "The request body is over `server.max_body_bytes` (`request_too_large`), or has more text than "
+    "the guardrails check (`content_too_large`).",
     429: "A rate limit (`rate_limit_exceeded`) or budget (`insufficient_quota`) refused the request; "
     "`Retry-After` says when to try again.",
     502: "Every upstream attempt failed.",

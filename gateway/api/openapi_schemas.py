@@ -95,6 +95,9 @@ TEAM_FIELDS: dict[str, Schema] = {
     "limits": maybe(ref("Limits")),
     "budgets": maybe(ref("Budgets")),
     "model_limits": maybe(obj({}, additionalProperties=ref("Limits"), description="Limits per model.")),
+    "guardrails": null(
+        "array", items=STRING, description="Names of guardrails.rules for this team; null: every rule."
+    ),
 }
 
 OPENAI: dict[str, Schema] = {
@@ -404,6 +407,7 @@ OPERATIONS: dict[str, Schema] = {
             "limits": ref("Limits"),
             "budgets": ref("Budgets"),
             "model_limits": obj({}, additionalProperties=ref("Limits")),
+            "guardrails": null("array", items=STRING),
             "source": {"enum": ["config", "api"], "description": "config teams are read-only here."},
         },
         "*",

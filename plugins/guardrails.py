@@ -1,0 +1,42 @@
+"""Content guardrails on what a request sends (``guardrails.rules`` with ``applies_to`` input or both):
+block, redact or flag, before anything goes upstream. ``gateway.guardrails`` holds the rules and the
+detectors; this plugin only applies them to each request, with the caller's team's own list."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+from aiohttp import web
+
+from gateway.config import IdentityNeed, ModelConfig
+from gateway.context import RequestContext
+from gateway.guardrails.engine import Guard
+from gateway.pipeline import Services
+
+INLINE_BYTES = 64 * 1024  # larger bodies are scanned in a worker thread
+
+
+class GuardrailsPlugin:
+    name: ClassVar[str] = "guardrails"
+    declares_checks_only: ClassVar[bool] = False
+    needs_identity: ClassVar[IdentityNeed] = "after_auth"
+
+    def __init__(self, services: Services) -> None:
+        self.guard = Guard(services.config)
+
+    async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
+        rules = self.guard.input_rules(ctx.identity)
+        if not rules:
+            return None
+        if ctx.body_size <= INLINE_BYTES:  # the usual request: checked in microseconds, right here
+            self.guard.check_input(ctx.body, ctx.endpoint, rules, ctx.request_id)
+        else:  # a long text takes milliseconds (linear, but long): never on the event loop
+            await asyncio.to_thread(self.guard.check_input, ctx.body, ctx.endpoint, rules, ctx.request_id)
+        return None
+
+    def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:
+        return None
+
+    def finish(self, ctx: RequestContext) -> None:
+        return None

@@ -1,0 +1,190 @@
+"""Input guardrails through the gateway, with the openai and anthropic SDKs: block, redact, flag, per
+team, on every surface; patterns RE2 cannot run refused at config time; nothing matched in the logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+
+from gateway import config_parser as config_mod
+from gateway.config import ConfigError
+from tests.conftest import TEAM_B_KEY, TEAM_KEY, RunningGateway, Upstream, tenancy_config
+
+CARD = "4111 1111 1111 1111"  # Luhn-valid (a test card number)
+NOT_A_CARD = "4111 1111 1111 1112"  # Luhn-invalid
+SECRET = "sk-proj-AbCdEf0123456789GhIjKlMnOpQrSt"
+RULES = [
+    {"name": "no-secrets", "detector": "secret", "applies_to": "input", "action": "block"},
+    {"name": "cards", "detector": "credit_card", "applies_to": "both", "action": "redact"},
+    {"name": "emails", "detector": "email", "applies_to": "input", "action": "flag"},
+    {"name": "falcon", "pattern": r"(?i)\bproject falcon\b", "applies_to": "input", "action": "block"},
+]
+
+
+def config(upstream: Upstream, rules: list[dict[str, Any]] = RULES, **team_a: Any) -> dict[str, Any]:
+    cfg = tenancy_config(upstream.url, redis=False, **team_a)
+    cfg["plugins"] = ["auth", "guardrails", "rate_limit", "quota"]
+    cfg["guardrails"] = {"rules": rules}
+    return cfg
+
+
+def sent(upstream: Upstream) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(upstream.state.requests[-1].body)
+    return body
+
+
+def actions(rule: str, action: str) -> float:
+    labels = {"rule": rule, "action": action, "direction": "input"}
+    return REGISTRY.get_sample_value("llm_gateway_guardrail_actions_total", labels) or 0.0
+
+
+async def ask(gw: RunningGateway, text: str, key: str = TEAM_KEY) -> Any:
+    return await gw.client(api_key=key).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": text}]
+    )
+
+
+async def test_block_refuses_before_anything_goes_upstream(upstream: Upstream, make_gateway) -> None:
+    gw = await make_gateway(config(upstream))
+    before = actions("no-secrets", "block")
+    with pytest.raises(openai.BadRequestError) as info:
+        await ask(gw, f"my key is {SECRET}, keep it safe")
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "content_filter"
+    assert "no-secrets" in error["message"] and SECRET not in error["message"]
+    assert upstream.state.requests == []
+    assert actions("no-secrets", "block") == before + 1
+    with pytest.raises(openai.BadRequestError):  # a user pattern, in a multi-part message
+        await gw.client(api_key=TEAM_KEY).chat.completions.create(
+            model="chat",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "About Project Falcon:"}]}],
+        )
+    assert upstream.state.requests == []
+
+
+async def test_redact_replaces_the_match_before_the_upstream_sees_it(
+    upstream: Upstream, make_gateway
+) -> None:
+    gw = await make_gateway(config(upstream))
+    answer = await ask(gw, f"charge {CARD} please, not {NOT_A_CARD}")
+    content = sent(upstream)["messages"][0]["content"]
+    assert content == f"charge [REDACTED:cards] please, not {NOT_A_CARD}"  # Luhn-invalid: not a card
+    assert CARD not in (answer.choices[0].message.content or "")
+
+
+async def test_flag_serves_counts_and_logs_the_rule_never_the_text(upstream: Upstream, make_gateway) -> None:
+    gw = await make_gateway(config(upstream))
+    before = actions("emails", "flag")
+    answer = await ask(gw, "write to alice@example.com today")
+    assert answer.choices[0].message.content == "Mock answer: write to alice@example.com today"
+    assert actions("emails", "flag") == before + 1
+    flagged = [e for e in gw.log_lines() if e.get("event") == "guardrail_flagged"]
+    assert flagged and flagged[-1]["rule"] == "emails"
+    with pytest.raises(openai.BadRequestError):
+        await ask(gw, f"here: {SECRET}")
+    raw = gw.logs.getvalue().decode()
+    assert "alice@example.com" not in raw and SECRET not in raw
+
+
+async def test_rules_per_team(upstream: Upstream, make_gateway) -> None:
+    gw = await make_gateway(config(upstream, guardrails=["cards"]))  # team-a: only "cards"
+    await ask(gw, f"my key is {SECRET}")  # no-secrets does not apply to team-a
+    assert SECRET in sent(upstream)["messages"][0]["content"]
+    with pytest.raises(openai.BadRequestError):
+        await ask(gw, f"my key is {SECRET}", key=TEAM_B_KEY)  # team-b: every rule
+
+
+async def test_every_surface_is_guarded(upstream: Upstream, make_gateway) -> None:
+    gw = await make_gateway(config(upstream))
+    with pytest.raises(openai.BadRequestError):
+        await gw.client(api_key=TEAM_KEY).embeddings.create(model="chat", input=["fine", f"key {SECRET}"])
+    status, body = await _post(
+        gw,
+        "/api/v1/llm/complete",
+        {"messages": [{"role": "user", "content": SECRET}], "options": {"model": "chat"}},
+    )
+    assert status == 400 and body["error"]["code"] == "content_filter"
+    async with anthropic.AsyncAnthropic(base_url=gw.root.rstrip("/"), api_key=TEAM_KEY, max_retries=0) as c:
+        with pytest.raises(anthropic.BadRequestError) as info:
+            await c.messages.create(
+                model="chat",
+                max_tokens=10,
+                system=f"use {SECRET}",
+                messages=[{"role": "user", "content": "hi"}],
+            )
+    assert info.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert upstream.state.requests == []
+
+
+async def _post(gw: RunningGateway, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gw.root.rstrip("/") + path, json=body, headers={"Authorization": f"Bearer {TEAM_KEY}"}
+        ) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_a_catastrophic_pattern_runs_in_linear_time(upstream: Upstream, make_gateway) -> None:
+    rules = [{"name": "redos", "pattern": "(a+)+$", "applies_to": "input", "action": "block"}]
+    gw = await make_gateway(config(upstream, rules))
+    answer = await ask(gw, "a" * 200_000 + "b")  # a backtracking engine would never finish this
+    assert answer.choices[0].message.content is not None
+    gw = await make_gateway(config(upstream))
+    with pytest.raises(openai.BadRequestError):  # a long text is checked off the event loop, as well
+        await ask(gw, "x " * 100_000 + SECRET)
+
+
+async def test_more_text_than_can_be_checked_is_refused(upstream: Upstream, make_gateway) -> None:
+    cfg = config(upstream)
+    cfg["guardrails"]["max_scan_chars"] = 1000
+    gw = await make_gateway(cfg)
+    with pytest.raises(openai.APIStatusError) as info:
+        await ask(gw, "x" * 1001)
+    assert info.value.status_code == 413 and upstream.state.requests == []
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        ({"name": "r", "pattern": r"(a)\1", "action": "block"}, "guardrails.rules[0].pattern: not supported"),
+        ({"name": "r", "pattern": "(?=a)b", "action": "block"}, "guardrails.rules[0].pattern: not supported"),
+        ({"name": "r", "detector": "ssn", "action": "block"}, "guardrails.rules[0].detector: must be one of"),
+        (
+            {"name": "r", "detector": "email", "action": "delete"},
+            "guardrails.rules[0].action: must be one of",
+        ),
+        ({"name": "r", "action": "block"}, "guardrails.rules[0]: needs exactly one of pattern and detector"),
+        ({"name": "bad name!", "detector": "email", "action": "flag"}, "guardrails.rules[0].name: must be"),
+    ],
+)
+def test_check_config_refuses_bad_rules(upstream_url: str, rule: dict[str, Any], problem: str) -> None:
+    cfg = tenancy_config(upstream_url, redis=False)
+    cfg["plugins"] = ["auth", "guardrails"]
+    cfg["guardrails"] = {"rules": [rule]}
+    with pytest.raises(ConfigError) as info:
+        config_mod.parse(cfg, env={})
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+def test_rules_without_the_plugin_or_unknown_team_rules_are_refused(upstream_url: str) -> None:
+    cfg = tenancy_config(upstream_url, redis=False, guardrails=["nope"])
+    cfg["guardrails"] = {"rules": [{"name": "r", "detector": "email", "action": "flag"}]}
+    with pytest.raises(ConfigError) as info:
+        config_mod.parse(cfg, env={})
+    problems = " ".join(info.value.problems)
+    assert "guardrails plugin is not in plugins" in problems
+    assert "teams[0].guardrails: unknown guardrail rule 'nope'" in problems
+
+
+@pytest.fixture
+def upstream_url() -> str:
+    return "http://127.0.0.1:9/v1"
