@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.config import Config, IdentityNeed, ModelConfig
 from gateway.context import RequestContext
+from gateway.guardrails.engine import Guard
 from gateway.limits.limiter import Limiter
 from gateway.state.base import Store
 from gateway.state.cache import CacheStore
@@ -37,6 +38,7 @@ class Services:
     auth: Authenticator
     prefix: str  # namespace of every state-store key
     cache: CacheStore
+    guard: Guard | None = None  # the guardrail rules (with the guardrails plugin and rules set)
 
 
 class Plugin(Protocol):

@@ -39,6 +39,7 @@ from gateway.errors import (
     upstream_status,
 )
 from gateway.formats import anthropic
+from gateway.guardrails.engine import StreamGuard
 from gateway.limits.tokens import estimate_prompt_tokens
 from gateway.routing import Target
 from gateway.sse import SSEScanner, StreamScanner
@@ -296,6 +297,7 @@ class OpenStream:
     total_deadline: float
     idle: float
     translate: Callable[[bytes], bytes] | None = None  # the provider's stream translator (chat_stream)
+    guard: StreamGuard | None = None  # output guardrails on the relayed text (gateway.guardrails)
 
 
 async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:
@@ -431,21 +433,23 @@ async def pump(
     is not the watchdog's (the client left) propagates; the upstream connection is closed either way."""
     loop = asyncio.get_running_loop()
     scanner, wd, content, translate = up.scanner, up.watchdog, up.resp.content, up.translate
+    guard = up.guard
     failure: str | None = None
     cut = False
-    record = ctx.record  # the cache keeps the upstream's events, to replay them
+    record = ctx.record  # the cache keeps the events as relayed, to replay them
     try:
-        await write(up.head)
+        head = guard.feed(up.head) if guard is not None else up.head
+        await write(head)
         if record is not None:
-            record.append(up.head)
-        while True:
+            record.append(head)
+        while guard is None or not guard.stopped:
             chunk = await content.readany()
             if not chunk:
                 # An unterminated last event: clients drop it anyway. [DONE] goes out as sent; anything
                 # else may be half an event, so it is replaced by the error event below.
                 tail = scanner.finish()
                 if tail and scanner.done:
-                    await write(tail)
+                    await write(guard.feed(tail) if guard is not None else tail)
                 cut = bool(tail) and not scanner.done
                 break
             seen = scanner.data_events
@@ -456,11 +460,15 @@ async def pump(
                     wd.deadline, wd.reason = deadline, "idle"
                 else:
                     wd.move(up.total_deadline, "total")
+            if guard is not None and out:
+                out = guard.feed(out)  # output guardrails: held back, rewritten, or ended here
             if out:
                 if record is not None:
                     record.append(out)
                 await write(out)
-        if scanner.error is not None and not cut:
+        if guard is not None and guard.stopped:
+            ctx.record = None  # a blocked answer ended cleanly for the client, but is never cached
+        elif scanner.error is not None and not cut:
             failure = "upstream_stream_error"
         elif not scanner.done:
             failure = "upstream_incomplete"
@@ -481,6 +489,10 @@ async def pump(
         ctx.usage = Usage.from_json(scanner.usage) or _partial_usage(ctx, scanner)
     ctx.error = failure
     ctx.complete = failure is None and scanner.done and scanner.error is None
+    if guard is not None and guard.stopped:
+        # Ended cleanly for the client (content_filter, [DONE]); the upstream was cancelled, so its
+        # usage is an estimate (_partial_usage), and the answer is not cached (no record).
+        ctx.error, ctx.complete = None, True
 
 
 def _partial_usage(ctx: RequestContext, scanner: StreamScanner) -> Usage:

@@ -10,6 +10,7 @@ from gateway.auth import Authenticator
 from gateway.capabilities import Catalog
 from gateway.config import Config
 from gateway.context import RequestContext
+from gateway.guardrails.engine import Guard
 from gateway.metrics import RequestMetrics
 from gateway.performance import Performance
 from gateway.pipeline import Pipeline
@@ -31,6 +32,7 @@ class Gateway:
     prober: Prober
     cache: CacheStore
     catalog: Catalog
+    guard: Guard | None = None  # output guardrails (the plugin applies the input ones)
     performance: Performance = field(default_factory=Performance)
     request_metrics: RequestMetrics = field(default_factory=RequestMetrics)
     models_body: bytes = b""

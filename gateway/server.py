@@ -34,6 +34,7 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.formats import anthropic as anthropic_format
+from gateway.guardrails.engine import Guard
 from gateway.limits.limiter import Limiter
 from gateway.limits.upstream import UpstreamLimits
 from gateway.logging import ACCESS, REDACTOR
@@ -280,7 +281,8 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         if isinstance(store, RedisStore)
         else MemoryCache(config.cache.max_memory_bytes)
     )
-    services = Services(config=config, store=store, auth=auth, prefix=prefix, cache=cache)
+    guard = Guard(config) if "guardrails" in config.plugins and config.guardrails.rules else None
+    services = Services(config=config, store=store, auth=auth, prefix=prefix, cache=cache, guard=guard)
     pipeline = Pipeline(plugins.build(config.plugins, services), limiter)
     gw = Gateway(
         config=config,
@@ -289,6 +291,7 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         store=store,
         auth=auth,
         pipeline=pipeline,
+        guard=guard,
         prober=prober,
         cache=cache,
         catalog=catalog,

@@ -1,6 +1,7 @@
 """Content guardrails on what a request sends (``guardrails.rules`` with ``applies_to`` input or both):
 block, redact or flag, before anything goes upstream. ``gateway.guardrails`` holds the rules and the
-detectors; this plugin only applies them to each request, with the caller's team's own list."""
+detectors; this plugin only applies them to each request, with the caller's team's own list. The
+output rules run where the answer comes back (``gateway.completion``), with the same ``Guard``."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class GuardrailsPlugin:
     needs_identity: ClassVar[IdentityNeed] = "after_auth"
 
     def __init__(self, services: Services) -> None:
-        self.guard = Guard(services.config)
+        self.guard = services.guard if services.guard is not None else Guard(services.config)
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
         rules = self.guard.input_rules(ctx.identity)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 
 from gateway import metrics
@@ -20,6 +21,8 @@ from gateway.guardrails.detectors import DETECTORS, compile_pattern, find_patter
 log = structlog.get_logger("gateway.guardrails")
 
 CONTENT_FILTER = "content_filter"
+PATTERN_HOLD = 256  # a user pattern's longest match, as far as a stream's hold-back goes
+MAX_HOLD = 1024  # text a stream holds back at most (a longer match can be cut before it is seen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,18 +32,22 @@ class Rule:
     input: bool
     output: bool
     find: Callable[[str], list[tuple[int, int]]]
+    hold: int  # characters a stream must hold back for a match split across chunks to be seen whole
 
     @classmethod
     def of(cls, rule: GuardrailRule) -> Rule:
         if rule.detector is not None:
             find = DETECTORS[rule.detector].find
+            hold = DETECTORS[rule.detector].max_chars
         else:
+            hold = PATTERN_HOLD
             compiled = compile_pattern(rule.pattern or "")
 
             def find(text: str) -> list[tuple[int, int]]:
                 return find_pattern(compiled, text)
 
-        return cls(rule.name, rule.action, rule.applies_to != "output", rule.applies_to != "input", find)
+        inp, out = rule.applies_to != "output", rule.applies_to != "input"
+        return cls(rule.name, rule.action, inp, out, find, min(hold, MAX_HOLD))
 
 
 class Guard:
@@ -51,13 +58,89 @@ class Guard:
         self.by_name = {r.name: r for r in self.rules}
         self.max_chars = config.guardrails.max_scan_chars
         self._input = tuple(r for r in self.rules if r.input)
+        self._output = tuple(r for r in self.rules if r.output)
         self._counters: dict[tuple[str, str, str], Any] = {}
 
     def input_rules(self, identity: Identity | None) -> tuple[Rule, ...]:
+        return self._rules(identity, self._input, "input")
+
+    def output_rules(self, identity: Identity | None) -> tuple[Rule, ...]:
+        return self._rules(identity, self._output, "output")
+
+    def _rules(self, identity: Identity | None, every: tuple[Rule, ...], direction: str) -> tuple[Rule, ...]:
         team = identity.team if identity is not None else None
         if team is None or team.guardrails is None:
-            return self._input
-        return tuple(r for name in team.guardrails if (r := self.by_name.get(name)) is not None and r.input)
+            return every
+        chosen = (self.by_name.get(name) for name in team.guardrails)
+        return tuple(r for r in chosen if r is not None and getattr(r, direction))
+
+    def check_answer(
+        self, answer: dict[str, Any], anthropic: bool, rules: tuple[Rule, ...], request_id: str
+    ) -> bool:
+        """Apply ``rules`` to a whole answer in place (a chat.completion, or an Anthropic Message):
+        redactions, and for a block the text cut before the match with ``content_filter`` as the finish
+        reason (Anthropic's ``refusal``). True when the answer changed."""
+        acted: set[tuple[str, str]] = set()
+        changed = False
+        if anthropic:
+            content = answer.get("content")
+            blocks: list[Any] = content if isinstance(content, list) else []
+            for i, block in enumerate(blocks):
+                if not (isinstance(block, dict) and isinstance(block.get("text"), str)):
+                    continue
+                text, cut = self.scan(block["text"], rules, acted)
+                if text != block["text"]:
+                    block["text"], changed = text, True
+                if cut:
+                    del blocks[i + 1 :]
+                    answer["stop_reason"], changed = "refusal", True
+                    break
+        else:
+            for choice in answer.get("choices") or ():
+                message = choice.get("message") if isinstance(choice, dict) else None
+                if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                    continue
+                text, cut = self.scan(message["content"], rules, acted)
+                if text != message["content"]:
+                    message["content"], changed = text, True
+                if cut:
+                    choice["finish_reason"], changed = CONTENT_FILTER, True
+        self.report(acted, "output", request_id)
+        return changed
+
+    def scan(self, text: str, rules: tuple[Rule, ...], acted: set[tuple[str, str]]) -> tuple[str, bool]:
+        """``text`` with its redactions, cut before the first block match; True when it was cut."""
+        cut: int | None = None
+        for rule in rules:
+            if rule.action != "block":
+                continue
+            spans = rule.find(text)
+            if spans:
+                acted.add((rule.name, "block"))
+                cut = spans[0][0] if cut is None else min(cut, spans[0][0])
+        if cut is not None:
+            text = text[:cut]
+        for rule in rules:
+            if rule.action == "block":
+                continue
+            spans = rule.find(text)
+            if spans:
+                acted.add((rule.name, rule.action))
+                if rule.action == "redact":
+                    text = redact(text, spans, rule.name)
+        return text, cut is not None
+
+    def report(self, acted: set[tuple[str, str]], direction: str, request_id: str) -> None:
+        for name, action in sorted(acted):
+            if action != "redact":
+                log.info(
+                    f"guardrail_{'blocked' if action == 'block' else 'flagged'}",
+                    rule=name,
+                    direction=direction,
+                    request_id=request_id,
+                )
+        self._count(acted, direction)
+        acted.clear()
 
     def check_input(
         self, body: dict[str, Any], endpoint: str, rules: tuple[Rule, ...], request_id: str
@@ -164,3 +247,121 @@ def _slot(container: Any, key: Any) -> Text:
         container[key] = value
 
     return get, put
+
+
+class StreamGuard:
+    """Output rules on an OpenAI chunk stream, for one request. The answer's text (``choices[0]``'s
+    ``delta.content``) is held back only as far as the rules need (``Rule.hold``, the longest match
+    they can make) so that a match split across chunks, events or TCP reads is still seen whole; the
+    rest is relayed as it comes, re-chunked. ``redact`` rewrites the relayed text; ``block`` relays
+    the text before the match, then a final chunk with ``finish_reason: content_filter`` and
+    ``[DONE]``, and sets ``stopped`` (the relay then cancels the upstream). Other chunks (roles, tool
+    calls, usage) pass through in order."""
+
+    def __init__(self, guard: Guard, rules: tuple[Rule, ...], request_id: str) -> None:
+        self.guard, self.rules, self.request_id = guard, rules, request_id
+        self.hold = max(r.hold for r in rules)
+        self.pending = ""
+        self.template: dict[str, Any] | None = None  # the last content chunk, to re-chunk the text
+        self.acted: set[tuple[str, str]] = set()
+        self.stopped = False
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        for event in data.split(b"\n\n"):
+            if self.stopped:
+                break  # blocked: nothing more is relayed
+            if event.strip():
+                out.append(self._event(event))
+        return b"".join(out)
+
+    def _event(self, event: bytes) -> bytes:
+        payload = _payload(event)
+        if payload == b"[DONE]":
+            return self._release(final=True) + event + b"\n\n"
+        chunk = _json(payload) if payload is not None else None
+        choices = chunk.get("choices") if chunk is not None else None
+        first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+        delta = first.get("delta") if first is not None else None
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if chunk is None or first is None or not isinstance(delta, dict):
+            return event + b"\n\n"  # comments, usage and error events: as they are
+        out = b""
+        if isinstance(content, str) and content:
+            self.template = chunk
+            self.pending += content
+            out = self._release(final=bool(first.get("finish_reason")))
+            if self.stopped:
+                return out
+            rest = {k: v for k, v in delta.items() if k != "content"}
+            if not rest and not first.get("finish_reason"):
+                return out  # a text-only chunk: its text went out above (or waits in the hold)
+            first = {**first, "delta": rest}
+            chunk = {**chunk, "choices": [first, *choices[1:]]}  # type: ignore[index]
+            return out + _sse(chunk)
+        if first.get("finish_reason"):
+            out = self._release(final=True)
+            if self.stopped:
+                return out
+        return out + event + b"\n\n"
+
+    def _release(self, *, final: bool) -> bytes:
+        """The pending text that is safe to relay now (all of it when ``final``)."""
+        text = self.pending
+        if not text:
+            return self._finish() if final else b""
+        cut = len(text) if final else max(0, len(text) - self.hold)
+        blocked = None
+        for rule in self.rules:
+            for start, end in rule.find(text):
+                if rule.action == "block":
+                    self.acted.add((rule.name, "block"))
+                    blocked = start if blocked is None else min(blocked, start)
+                elif not final and start < cut < end:
+                    cut = start  # never cut inside a match: it waits whole
+        if blocked is not None:
+            safe, _ = self.guard.scan(text[:blocked], self._not_blocking(), self.acted)
+            self.pending, self.stopped = "", True
+            ending = {**self._base(), "choices": [{"index": 0, "delta": {}, "finish_reason": CONTENT_FILTER}]}
+            self.guard.report(self.acted, "output", self.request_id)
+            return self._text(safe) + _sse(ending) + b"data: [DONE]\n\n"
+        out, self.pending = text[:cut], text[cut:]
+        relayed, _ = self.guard.scan(out, self._not_blocking(), self.acted) if out else ("", False)
+        return self._text(relayed) + (self._finish() if final else b"")
+
+    def _finish(self) -> bytes:
+        self.guard.report(self.acted, "output", self.request_id)
+        return b""
+
+    def _not_blocking(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.action != "block")
+
+    def _base(self) -> dict[str, Any]:
+        template = self.template or {}
+        return {k: v for k, v in template.items() if k not in ("choices", "usage")}
+
+    def _text(self, text: str) -> bytes:
+        if not text:
+            return b""
+        return _sse(
+            {**self._base(), "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+        )
+
+
+def _payload(event: bytes) -> bytes | None:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            return line[5:].strip()
+    return None
+
+
+def _json(payload: bytes) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"

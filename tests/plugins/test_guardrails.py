@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from gateway import config_parser as config_mod
 from gateway.config import ConfigError
 from tests.conftest import TEAM_B_KEY, TEAM_KEY, RunningGateway, Upstream, tenancy_config
+from tests.helpers import eventually
 
 CARD = "4111 1111 1111 1111"  # Luhn-valid (a test card number)
 NOT_A_CARD = "4111 1111 1111 1112"  # Luhn-invalid
@@ -188,3 +189,58 @@ def test_rules_without_the_plugin_or_unknown_team_rules_are_refused(upstream_url
 @pytest.fixture
 def upstream_url() -> str:
     return "http://127.0.0.1:9/v1"
+
+
+OUTPUT_RULES = [
+    {"name": "out-secret", "detector": "secret", "applies_to": "output", "action": "block"},
+    {"name": "out-email", "detector": "email", "applies_to": "output", "action": "redact"},
+    {"name": "falcon", "pattern": r"(?i)\bproject falcon\b", "applies_to": "output", "action": "redact"},
+    {"name": "osprey", "pattern": r"(?i)\bproject osprey\b", "applies_to": "output", "action": "block"},
+]
+
+
+async def test_output_rules_on_a_whole_answer(upstream: Upstream, make_gateway) -> None:
+    gw = await make_gateway(config(upstream, OUTPUT_RULES))
+    redacted = await ask(gw, "write to alice@example.com about Project Falcon")  # the mock echoes it
+    assert (
+        redacted.choices[0].message.content
+        == "Mock answer: write to [REDACTED:out-email] about [REDACTED:falcon]"
+    )
+    assert "alice@example.com" in sent(upstream)["messages"][0]["content"]  # output rules: input untouched
+    blocked = await ask(gw, f"the key {SECRET} again")
+    assert blocked.choices[0].message.content == "Mock answer: the key "
+    assert blocked.choices[0].finish_reason == "content_filter"
+
+
+async def stream_text(gw: RunningGateway, text: str) -> tuple[str, list[str | None]]:
+    stream = await gw.client(api_key=TEAM_KEY).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": text}], stream=True
+    )
+    chunks = [c async for c in stream]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return content, [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+
+
+async def test_output_rules_hold_on_streams_across_events_and_writes(
+    upstream: Upstream, make_gateway
+) -> None:
+    cfg = config(upstream, OUTPUT_RULES)
+    cfg["providers"][0]["base_url"] = upstream.url  # (the mock splits answers one word per event)
+    gw = await make_gateway(cfg)
+    upstream.state.faults["mock-chat"] = {"chunk_delay": 0.01}  # every event its own TCP write
+    text, finishes = await stream_text(gw, "we met about Project Falcon at alice@example.com today")
+    assert text == "Mock answer: we met about [REDACTED:falcon] at [REDACTED:out-email] today"
+    assert finishes == ["stop"]
+    before = actions_out("osprey", "block")
+    text, finishes = await stream_text(gw, "then Project Osprey started and everything else")
+    assert text == "Mock answer: then "  # cut before the match, which spanned two events
+    assert finishes == ["content_filter"]
+    assert actions_out("osprey", "block") == before + 1
+    record = upstream.state.requests[-1]
+    await eventually(lambda: record.disconnected or record.ended is not None, within=3)
+    assert record.disconnected  # the upstream was cancelled, not read to its end
+
+
+def actions_out(rule: str, action: str) -> float:
+    labels = {"rule": rule, "action": action, "direction": "output"}
+    return REGISTRY.get_sample_value("llm_gateway_guardrail_actions_total", labels) or 0.0
