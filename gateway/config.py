@@ -246,13 +246,19 @@ GUARDRAIL_DIRECTIONS = ("input", "output", "both")
 
 @dataclass(frozen=True, slots=True)
 class GuardrailRule:
-    """One content rule (gateway.guardrails): a ``pattern`` (RE2 syntax) or a built-in ``detector``."""
+    """One content rule (gateway.guardrails): a ``pattern`` (RE2 syntax) or a built-in ``detector``, or
+    (``type: moderation``) a provider's OpenAI-style /moderations endpoint asked about the input."""
 
     name: str
     action: str  # block | redact | flag
     applies_to: str = "both"  # input | output | both
     pattern: str | None = None
     detector: str | None = None
+    type: str = "match"  # match | moderation
+    provider: str | None = None  # moderation: the provider whose /moderations endpoint is asked
+    model: str | None = None  # moderation: the model to ask for (absent: the provider's default)
+    timeout_seconds: float = 2.0  # moderation: how long to wait for its verdict
+    fail_open: bool = True  # moderation unreachable or failing: let the request through (else 503)
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,6 +268,9 @@ def _config(root: _Reader, source: str) -> Config:
     provider_names = {p.name for p in providers}
     models = _models(root, provider_names)
     guardrails = _guardrails(root.child("guardrails"))
+    for i, rule in enumerate(guardrails.rules):
+        if rule.provider is not None and rule.provider not in provider_names:
+            root.problem(f"guardrails.rules[{i}].provider", f"unknown provider {rule.provider!r}")
     plugins = _plugins(root)
     if guardrails.rules and "guardrails" not in plugins:
         root.problem(
@@ -778,7 +781,20 @@ def _guardrail(r: _Reader) -> GuardrailRule:
         r.problem("action", f"must be one of {', '.join(GUARDRAIL_ACTIONS)}, got {rule.action!r}")
     if rule.applies_to not in GUARDRAIL_DIRECTIONS:
         r.problem("applies_to", f"must be one of {', '.join(GUARDRAIL_DIRECTIONS)}, got {rule.applies_to!r}")
-    if (rule.pattern is None) == (rule.detector is None):
+    if rule.type == "moderation":
+        if rule.pattern is not None or rule.detector is not None:
+            r.problem("", "a moderation rule has no pattern or detector")
+        if not rule.provider:
+            r.problem("provider", "is required for a moderation rule")
+        if rule.applies_to != "input":
+            r.problem("applies_to", "a moderation rule applies to input only")
+        if rule.action == "redact":
+            r.problem("action", "a moderation rule can block or flag, not redact")
+        if rule.timeout_seconds <= 0:
+            r.problem("timeout_seconds", "must be positive")
+    elif rule.type != "match":
+        r.problem("type", f"must be match or moderation, got {rule.type!r}")
+    elif (rule.pattern is None) == (rule.detector is None):
         r.problem("", "needs exactly one of pattern and detector")
     if rule.detector is not None and rule.detector not in DETECTORS:
         r.problem("detector", f"must be one of {', '.join(DETECTORS)}, got {rule.detector!r}")

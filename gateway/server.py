@@ -281,7 +281,7 @@ def build_app(config: Config, store: Store | None = None) -> web.Application:
         if isinstance(store, RedisStore)
         else MemoryCache(config.cache.max_memory_bytes)
     )
-    guard = Guard(config) if "guardrails" in config.plugins and config.guardrails.rules else None
+    guard = Guard(config, providers) if "guardrails" in config.plugins and config.guardrails.rules else None
     services = Services(config=config, store=store, auth=auth, prefix=prefix, cache=cache, guard=guard)
     pipeline = Pipeline(plugins.build(config.plugins, services), limiter)
     gw = Gateway(

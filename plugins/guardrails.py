@@ -34,6 +34,8 @@ class GuardrailsPlugin:
             self.guard.check_input(ctx.body, ctx.endpoint, rules, ctx.request_id)
         else:  # a long text takes milliseconds (linear, but long): never on the event loop
             await asyncio.to_thread(self.guard.check_input, ctx.body, ctx.endpoint, rules, ctx.request_id)
+        if any(r.moderation is not None for r in rules):  # last: it sees the redacted text
+            await self.guard.moderate(ctx.body, ctx.endpoint, rules, ctx.request_id)
         return None
 
     def switch_model(self, ctx: RequestContext, old: ModelConfig) -> None:

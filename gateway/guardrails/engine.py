@@ -5,18 +5,21 @@ lets it through and counts and logs it. Only the rule's name is ever logged or c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 import structlog
 
 from gateway import metrics
 from gateway.auth import Identity
 from gateway.config import Config, GuardrailRule
-from gateway.errors import InvalidRequest, RequestTooLarge
+from gateway.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable
 from gateway.guardrails.detectors import DETECTORS, compile_pattern, find_pattern
+from gateway.providers.base import Provider
 
 log = structlog.get_logger("gateway.guardrails")
 
@@ -33,9 +36,12 @@ class Rule:
     output: bool
     find: Callable[[str], list[tuple[int, int]]]
     hold: int  # characters a stream must hold back for a match split across chunks to be seen whole
+    moderation: GuardrailRule | None = None  # type moderation: asked of a provider, never matched here
 
     @classmethod
     def of(cls, rule: GuardrailRule) -> Rule:
+        if rule.type == "moderation":
+            return cls(rule.name, rule.action, True, False, _nothing, 0, rule)
         if rule.detector is not None:
             find = DETECTORS[rule.detector].find
             hold = DETECTORS[rule.detector].max_chars
@@ -50,10 +56,15 @@ class Rule:
         return cls(rule.name, rule.action, inp, out, find, min(hold, MAX_HOLD))
 
 
+def _nothing(text: str) -> list[tuple[int, int]]:
+    return []
+
+
 class Guard:
     """Every configured rule, compiled once; a team's own list (``teams[].guardrails``) or all of them."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, providers: Mapping[str, Provider] | None = None) -> None:
+        self.providers = providers or {}
         self.rules = tuple(Rule.of(r) for r in config.guardrails.rules)
         self.by_name = {r.name: r for r in self.rules}
         self.max_chars = config.guardrails.max_scan_chars
@@ -178,6 +189,65 @@ class Guard:
             if action == "flag":
                 log.info("guardrail_flagged", rule=name, direction="input", request_id=request_id)
         self._count(acted, "input")
+
+    async def moderate(
+        self, body: dict[str, Any], endpoint: str, rules: tuple[Rule, ...], request_id: str
+    ) -> None:
+        """Ask each moderation rule's provider about the request's text (after redactions): a flagged
+        answer blocks (400 ``content_filter``) or is flagged; an unreachable or failing moderation lets
+        the request through (``fail_open``) or refuses it (503 ``moderation_unavailable``)."""
+        texts = [get() for get, _ in _texts(body, endpoint)]
+        if not texts:
+            return
+        acted: set[tuple[str, str]] = set()
+        for rule in rules:
+            setting = rule.moderation
+            if setting is None:
+                continue
+            flagged = await self._ask(setting, texts, request_id)
+            if flagged:
+                acted.add((rule.name, rule.action))
+                if rule.action == "block":
+                    self.report(acted, "input", request_id)
+                    raise InvalidRequest(
+                        f"the request was blocked by the content guardrail {rule.name!r}",
+                        code=CONTENT_FILTER,
+                        param="messages" if endpoint != "embeddings" else "input",
+                    )
+        self.report(acted, "input", request_id)
+
+    async def _ask(self, rule: GuardrailRule, texts: list[str], request_id: str) -> bool:
+        provider = self.providers.get(rule.provider or "")
+        body: dict[str, Any] = {"input": texts}
+        if rule.model:
+            body["model"] = rule.model
+        try:
+            if provider is None:
+                raise LookupError("no such provider")
+            async with asyncio.timeout(rule.timeout_seconds):
+                resp = await provider.post("/moderations", orjson.dumps(body), stream=False)
+                try:
+                    data = await resp.read() if resp.status == 200 else None
+                finally:
+                    resp.release()
+            results = orjson.loads(data).get("results") if data else None
+            if not isinstance(results, list):
+                raise ValueError(f"HTTP {resp.status}" if data is None else "no results")
+            return any(isinstance(r, dict) and r.get("flagged") is True for r in results)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, LookupError, AttributeError) as exc:
+            log.warning(
+                "guardrail_moderation_unavailable",
+                rule=rule.name,
+                error=type(exc).__name__,
+                fail_open=rule.fail_open,
+                request_id=request_id,
+            )
+            if rule.fail_open:
+                return False
+            raise ServiceUnavailable(
+                f"the content moderation of guardrail {rule.name!r} is unavailable; try again shortly",
+                code="moderation_unavailable",
+            ) from None
 
     def _count(self, acted: set[tuple[str, str]], direction: str) -> None:
         """One count per rule and request (the matches of a rule in one request count once)."""

@@ -37,6 +37,8 @@ mock's root), streamed and not, with ``status=N`` (Anthropic's error shape; 529 
   stream_error        an ``event: error`` (overloaded) after the first text delta
   cache_read=N        usage reports N ``cache_read_input_tokens``
 
+``POST /moderations`` is OpenAI's moderation endpoint (an input saying "violent" is flagged).
+
 ``GET /models`` answers in OpenRouter's shape (context length, per-token prices as strings, input
 modalities); tests may replace ``MockState.models``.
 """
@@ -552,6 +554,30 @@ async def _anthropic_stream(
     return resp
 
 
+async def moderations(request: web.Request) -> web.StreamResponse:
+    """OpenAI's moderation endpoint: an input is flagged when it says "violent"; the ``model`` field takes
+    the options above (``status=N``, ``first_byte_delay=S``, ``hang``)."""
+    intake = await _intake(request, error_body("bad json", "invalid_request_error"))
+    if isinstance(intake, web.Response):
+        return intake
+    body, _, opts, record = intake
+    return await _tracked(record, _moderate(body, opts))
+
+
+async def _moderate(body: dict[str, Any], opts: dict[str, Any]) -> web.StreamResponse:
+    if opts.get("first_byte_delay"):
+        await asyncio.sleep(float(opts["first_byte_delay"]))
+    if opts.get("hang"):
+        await asyncio.sleep(3600)
+    if "status" in opts:
+        status = int(opts["status"])
+        return web.Response(status=status, body=error_body(f"mock failure {status}", "upstream_error"))
+    inputs = body.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    results = [{"flagged": "violent" in str(item).lower(), "categories": {}} for item in items]
+    return web.json_response({"id": "modr-mock", "model": "mock-moderation", "results": results})
+
+
 async def count_tokens(request: web.Request) -> web.Response:
     """Anthropic's count_tokens: ~4 characters a token of the messages' text, recorded."""
     state = request.app[STATE]
@@ -610,6 +636,8 @@ def build_app(*, record: bool = True) -> web.Application:
     app.router.add_post("/chat/completions", chat_completions)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/v1/moderations", moderations)
+    app.router.add_post("/moderations", moderations)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/embeddings", embeddings)
     app.router.add_get("/v1/models", models)

@@ -165,6 +165,24 @@ async def test_more_text_than_can_be_checked_is_refused(upstream: Upstream, make
         ),
         ({"name": "r", "action": "block"}, "guardrails.rules[0]: needs exactly one of pattern and detector"),
         ({"name": "bad name!", "detector": "email", "action": "flag"}, "guardrails.rules[0].name: must be"),
+        (
+            {"name": "m", "type": "moderation", "action": "block", "applies_to": "input"},
+            "guardrails.rules[0].provider: is required",
+        ),
+        (
+            {
+                "name": "m",
+                "type": "moderation",
+                "provider": "primary",
+                "action": "redact",
+                "applies_to": "input",
+            },
+            "guardrails.rules[0].action: a moderation rule can block or flag",
+        ),
+        (
+            {"name": "m", "type": "moderation", "provider": "nope", "action": "flag", "applies_to": "input"},
+            "guardrails.rules[0].provider: unknown",
+        ),
     ],
 )
 def test_check_config_refuses_bad_rules(upstream_url: str, rule: dict[str, Any], problem: str) -> None:
@@ -244,3 +262,40 @@ async def test_output_rules_hold_on_streams_across_events_and_writes(
 def actions_out(rule: str, action: str) -> float:
     labels = {"rule": rule, "action": action, "direction": "output"}
     return REGISTRY.get_sample_value("llm_gateway_guardrail_actions_total", labels) or 0.0
+
+
+def moderated(upstream: Upstream, model: str, fail_open: bool = True) -> dict[str, Any]:
+    rule = {
+        "name": "moderation",
+        "type": "moderation",
+        "provider": "primary",
+        "model": model,
+        "applies_to": "input",
+        "action": "block",
+        "timeout_seconds": 0.5,
+        "fail_open": fail_open,
+    }
+    return config(upstream, [rule])
+
+
+async def test_a_moderation_rule_blocks_what_the_endpoint_flags(upstream: Upstream, make_gateway) -> None:
+    gw = await make_gateway(moderated(upstream, "mock-moderation"))
+    assert (await ask(gw, "a calm question")).choices[0].message.content == "Mock answer: a calm question"
+    with pytest.raises(openai.BadRequestError) as info:
+        await ask(gw, "something violent")
+    assert info.value.body["code"] == "content_filter" and "moderation" in info.value.body["message"]  # type: ignore[index]
+    asked = [r for r in upstream.state.requests if r.model == "mock-moderation"]
+    assert orjson.loads(asked[-1].body)["input"] == ["something violent"]
+    assert upstream.state.calls("mock-chat") == 1  # the blocked request never went to the model
+
+
+@pytest.mark.parametrize("fault", ["status=500", "first_byte_delay=2"])
+async def test_moderation_unavailable_fails_open_or_closed(
+    upstream: Upstream, make_gateway, fault: str
+) -> None:
+    gw = await make_gateway(moderated(upstream, f"mock-moderation:{fault}", fail_open=True))
+    assert (await ask(gw, "something violent")).choices[0].message.content  # open: served anyway
+    gw = await make_gateway(moderated(upstream, f"mock-moderation:{fault}", fail_open=False))
+    with pytest.raises(openai.APIStatusError) as info:
+        await ask(gw, "a calm question")
+    assert info.value.status_code == 503 and info.value.body["code"] == "moderation_unavailable"  # type: ignore[index]
