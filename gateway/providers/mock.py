@@ -228,22 +228,30 @@ async def _tracked(record: RequestRecord, answer: Awaitable[web.StreamResponse])
         record.ended = time.monotonic()
 
 
-async def _respond(
-    request: web.Request, body: dict[str, Any], model: str, opts: dict[str, Any]
-) -> web.StreamResponse:
+async def _faults(opts: dict[str, Any]) -> web.Response | None:
+    """The delay, hang and status options, common to every endpoint: the failure answer, if any."""
     if opts.get("first_byte_delay"):
         await asyncio.sleep(float(opts["first_byte_delay"]))
     if opts.get("hang"):
         await asyncio.sleep(3600)
-    if "status" in opts:
-        status = int(opts["status"])
-        headers = {"Retry-After": str(opts["retry_after"])} if "retry_after" in opts else {}
-        return web.Response(
-            status=status,
-            headers=headers,
-            content_type="application/json",
-            body=error_body(f"mock failure {status}", "upstream_error", str(status)),
-        )
+    if "status" not in opts:
+        return None
+    status = int(opts["status"])
+    headers = {"Retry-After": str(opts["retry_after"])} if "retry_after" in opts else {}
+    return web.Response(
+        status=status,
+        headers=headers,
+        content_type="application/json",
+        body=error_body(f"mock failure {status}", "upstream_error", str(status)),
+    )
+
+
+async def _respond(
+    request: web.Request, body: dict[str, Any], model: str, opts: dict[str, Any]
+) -> web.StreamResponse:
+    failure = await _faults(opts)
+    if failure is not None:
+        return failure
     text, prompt_tokens = _answer(body)
     if opts.get("lone_surrogate"):
         text += "\ud800"
@@ -565,13 +573,9 @@ async def moderations(request: web.Request) -> web.StreamResponse:
 
 
 async def _moderate(body: dict[str, Any], opts: dict[str, Any]) -> web.StreamResponse:
-    if opts.get("first_byte_delay"):
-        await asyncio.sleep(float(opts["first_byte_delay"]))
-    if opts.get("hang"):
-        await asyncio.sleep(3600)
-    if "status" in opts:
-        status = int(opts["status"])
-        return web.Response(status=status, body=error_body(f"mock failure {status}", "upstream_error"))
+    failure = await _faults(opts)
+    if failure is not None:
+        return failure
     inputs = body.get("input")
     items = inputs if isinstance(inputs, list) else [inputs]
     results = [{"flagged": "violent" in str(item).lower(), "categories": {}} for item in items]
