@@ -24,7 +24,7 @@ from gateway.accounting import fits_window
 from gateway.auth import Identity
 from gateway.context import UNKNOWN_MODEL, RequestContext
 from gateway.errors import CONTEXT_LENGTH_EXCEEDED, InvalidRequest, NotFound, PassThroughError
-from gateway.guardrails.engine import StreamGuard
+from gateway.guardrails.engine import MessagesStreamGuard, StreamGuard
 from gateway.relay import OpenStream, Unary, stream_attempt, unary_attempt
 from gateway.routing import Target
 from gateway.runtime import CONTEXT, REQUEST_ID, Gateway
@@ -130,9 +130,11 @@ async def stream(gw: Gateway, ctx: RequestContext) -> OpenStream:
     up = await _route(gw, ctx, lambda target: stream_attempt(ctx, target))
     guard = gw.guard
     rules = guard.output_rules(ctx.identity) if guard is not None else ()
-    # An Anthropic target's own events relayed to /v1/messages are not guarded yet (docs/anthropic.md).
-    if guard is not None and rules and not (ctx.endpoint == "messages" and _anthropic_served(gw, ctx)):
-        up.guard = StreamGuard(guard, rules, ctx.request_id)
+    if guard is not None and rules:  # output guardrails on the relayed text, as it goes
+        if ctx.endpoint == "messages" and _anthropic_served(gw, ctx):  # an Anthropic target's own events
+            up.guard = MessagesStreamGuard(guard, rules, ctx.request_id)
+        else:
+            up.guard = StreamGuard(guard, rules, ctx.request_id)
     return up
 
 

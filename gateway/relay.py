@@ -39,7 +39,7 @@ from gateway.errors import (
     upstream_status,
 )
 from gateway.formats import anthropic
-from gateway.guardrails.engine import StreamGuard
+from gateway.guardrails.engine import OutputFilter
 from gateway.limits.tokens import estimate_prompt_tokens
 from gateway.routing import Target
 from gateway.sse import SSEScanner, StreamScanner
@@ -297,7 +297,7 @@ class OpenStream:
     total_deadline: float
     idle: float
     translate: Callable[[bytes], bytes] | None = None  # the provider's stream translator (chat_stream)
-    guard: StreamGuard | None = None  # output guardrails on the relayed text (gateway.guardrails)
+    guard: OutputFilter | None = None  # output guardrails on the relayed text (gateway.guardrails)
 
 
 async def stream_attempt(ctx: RequestContext, target: Target) -> OpenStream:

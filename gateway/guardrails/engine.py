@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -18,6 +18,7 @@ from gateway import metrics
 from gateway.auth import Identity
 from gateway.config import Config, GuardrailRule
 from gateway.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable
+from gateway.formats.anthropic import sse_event
 from gateway.guardrails.detectors import DETECTORS, compile_pattern, find_pattern
 from gateway.providers.base import Provider
 
@@ -319,21 +320,59 @@ def _slot(container: Any, key: Any) -> Text:
     return get, put
 
 
-class StreamGuard:
-    """Output rules on an OpenAI chunk stream, for one request. The answer's text (``choices[0]``'s
-    ``delta.content``) is held back only as far as the rules need (``Rule.hold``, the longest match
-    they can make) so that a match split across chunks, events or TCP reads is still seen whole; the
-    rest is relayed as it comes, re-chunked. ``redact`` rewrites the relayed text; ``block`` relays
-    the text before the match, then a final chunk with ``finish_reason: content_filter`` and
-    ``[DONE]``, and sets ``stopped`` (the relay then cancels the upstream). Other chunks (roles, tool
-    calls, usage) pass through in order."""
+class TextHold:
+    """One stream's text held back only as far as the rules need (``Rule.hold``, the longest match they
+    can make), so that a match split across chunks, events or TCP reads is still seen whole; what is
+    safe goes out with its redactions."""
 
-    def __init__(self, guard: Guard, rules: tuple[Rule, ...], request_id: str) -> None:
-        self.guard, self.rules, self.request_id = guard, rules, request_id
+    def __init__(self, guard: Guard, rules: tuple[Rule, ...], acted: set[tuple[str, str]]) -> None:
+        self.guard, self.rules, self.acted = guard, rules, acted
+        self.others = tuple(r for r in rules if r.action != "block")
         self.hold = max(r.hold for r in rules)
         self.pending = ""
-        self.template: dict[str, Any] | None = None  # the last content chunk, to re-chunk the text
+
+    def take(self, text: str, *, final: bool) -> tuple[str, bool]:
+        """Add ``text``: the text safe to relay now (all of it when ``final``), and True when a block
+        rule matched — the text is then what came before the match, and nothing more may follow."""
+        text = self.pending = self.pending + text
+        if not text:
+            return "", False
+        cut = len(text) if final else max(0, len(text) - self.hold)
+        blocked = None
+        for rule in self.rules:
+            for start, end in rule.find(text):
+                if rule.action == "block":
+                    self.acted.add((rule.name, "block"))
+                    blocked = start if blocked is None else min(blocked, start)
+                elif not final and start < cut < end:
+                    cut = start  # never cut inside a match: it waits whole
+        if blocked is not None:
+            self.pending = ""
+            return self.guard.scan(text[:blocked], self.others, self.acted)[0], True
+        out, self.pending = text[:cut], text[cut:]
+        return (self.guard.scan(out, self.others, self.acted)[0] if out else ""), False
+
+
+class OutputFilter(Protocol):
+    """What the relay runs a stream's output through (``StreamGuard``, ``MessagesStreamGuard``)."""
+
+    stopped: bool  # a block matched: the answer has ended, the upstream is to be cancelled
+
+    def feed(self, data: bytes) -> bytes: ...
+
+
+class StreamGuard:
+    """Output rules on an OpenAI chunk stream, for one request: the answer's text (``choices[0]``'s
+    ``delta.content``) goes through a ``TextHold`` and out re-chunked. ``redact`` rewrites the relayed
+    text; ``block`` relays the text before the match, then a final chunk with ``finish_reason:
+    content_filter`` and ``[DONE]``, and sets ``stopped`` (the relay then cancels the upstream). Other
+    chunks (roles, tool calls, usage) pass through in order."""
+
+    def __init__(self, guard: Guard, rules: tuple[Rule, ...], request_id: str) -> None:
+        self.guard, self.request_id = guard, request_id
         self.acted: set[tuple[str, str]] = set()
+        self.text = TextHold(guard, rules, self.acted)
+        self.template: dict[str, Any] | None = None  # the last content chunk, to re-chunk the text
         self.stopped = False
 
     def feed(self, data: bytes) -> bytes:
@@ -348,7 +387,7 @@ class StreamGuard:
     def _event(self, event: bytes) -> bytes:
         payload = _payload(event)
         if payload == b"[DONE]":
-            return self._release(final=True) + event + b"\n\n"
+            return self._release("", final=True) + event + b"\n\n"
         chunk = _json(payload) if payload is not None else None
         choices = chunk.get("choices") if chunk is not None else None
         first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
@@ -359,8 +398,7 @@ class StreamGuard:
         out = b""
         if isinstance(content, str) and content:
             self.template = chunk
-            self.pending += content
-            out = self._release(final=bool(first.get("finish_reason")))
+            out = self._release(content, final=bool(first.get("finish_reason")))
             if self.stopped:
                 return out
             rest = {k: v for k, v in delta.items() if k != "content"}
@@ -370,41 +408,21 @@ class StreamGuard:
             chunk = {**chunk, "choices": [first, *choices[1:]]}  # type: ignore[index]
             return out + _sse(chunk)
         if first.get("finish_reason"):
-            out = self._release(final=True)
+            out = self._release("", final=True)
             if self.stopped:
                 return out
         return out + event + b"\n\n"
 
-    def _release(self, *, final: bool) -> bytes:
-        """The pending text that is safe to relay now (all of it when ``final``)."""
-        text = self.pending
-        if not text:
-            return self._finish() if final else b""
-        cut = len(text) if final else max(0, len(text) - self.hold)
-        blocked = None
-        for rule in self.rules:
-            for start, end in rule.find(text):
-                if rule.action == "block":
-                    self.acted.add((rule.name, "block"))
-                    blocked = start if blocked is None else min(blocked, start)
-                elif not final and start < cut < end:
-                    cut = start  # never cut inside a match: it waits whole
-        if blocked is not None:
-            safe, _ = self.guard.scan(text[:blocked], self._not_blocking(), self.acted)
-            self.pending, self.stopped = "", True
-            ending = {**self._base(), "choices": [{"index": 0, "delta": {}, "finish_reason": CONTENT_FILTER}]}
+    def _release(self, text: str, *, final: bool) -> bytes:
+        safe, blocked = self.text.take(text, final=final)
+        if blocked:
+            self.stopped = True
             self.guard.report(self.acted, "output", self.request_id)
+            ending = {**self._base(), "choices": [{"index": 0, "delta": {}, "finish_reason": CONTENT_FILTER}]}
             return self._text(safe) + _sse(ending) + b"data: [DONE]\n\n"
-        out, self.pending = text[:cut], text[cut:]
-        relayed, _ = self.guard.scan(out, self._not_blocking(), self.acted) if out else ("", False)
-        return self._text(relayed) + (self._finish() if final else b"")
-
-    def _finish(self) -> bytes:
-        self.guard.report(self.acted, "output", self.request_id)
-        return b""
-
-    def _not_blocking(self) -> tuple[Rule, ...]:
-        return tuple(r for r in self.rules if r.action != "block")
+        if final:
+            self.guard.report(self.acted, "output", self.request_id)
+        return self._text(safe)
 
     def _base(self) -> dict[str, Any]:
         template = self.template or {}
@@ -413,8 +431,67 @@ class StreamGuard:
     def _text(self, text: str) -> bytes:
         if not text:
             return b""
-        return _sse(
-            {**self._base(), "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+        return _sse({**self._base(), "choices": [choice]})
+
+
+class MessagesStreamGuard:
+    """Output rules on an Anthropic event stream relayed as it is (``/v1/messages`` to an ``anthropic``
+    target): each text block's ``text_delta``s go through a ``TextHold`` and out as new deltas; a block
+    relays the text before the match, then closes the block, ``message_delta`` with ``stop_reason:
+    refusal`` and ``message_stop``. Every other event passes through untouched."""
+
+    def __init__(self, guard: Guard, rules: tuple[Rule, ...], request_id: str) -> None:
+        self.guard, self.rules, self.request_id = guard, rules, request_id
+        self.acted: set[tuple[str, str]] = set()
+        self.blocks: dict[int, TextHold] = {}
+        self.stopped = False
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        for event in data.split(b"\n\n"):
+            if self.stopped:
+                break
+            if event.strip():
+                out.append(self._event(event))
+        return b"".join(out)
+
+    def _event(self, raw: bytes) -> bytes:
+        payload = _payload(raw)
+        event = _json(payload) if payload is not None else None
+        if event is None:
+            return raw + b"\n\n"
+        kind, index = event.get("type"), event.get("index")
+        if kind == "message_stop":
+            self.guard.report(self.acted, "output", self.request_id)
+        if not isinstance(index, int):
+            return raw + b"\n\n"
+        if kind == "content_block_start" and (event.get("content_block") or {}).get("type") == "text":
+            self.blocks[index] = TextHold(self.guard, self.rules, self.acted)
+        elif kind == "content_block_delta" and index in self.blocks:
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                return self._relay(index, *self.blocks[index].take(delta["text"], final=False))
+        elif kind == "content_block_stop" and index in self.blocks:
+            safe, blocked = self.blocks.pop(index).take("", final=True)
+            return self._relay(index, safe, blocked) + (b"" if blocked else raw + b"\n\n")
+        return raw + b"\n\n"
+
+    def _relay(self, index: int, text: str, blocked: bool) -> bytes:
+        out = sse_event(
+            "content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": text}}
+        )
+        out = out if text else b""
+        if not blocked:
+            return out
+        self.stopped = True
+        self.guard.report(self.acted, "output", self.request_id)
+        ending = {"delta": {"stop_reason": "refusal", "stop_sequence": None}, "usage": {"output_tokens": 0}}
+        return (
+            out
+            + sse_event("content_block_stop", {"index": index})
+            + sse_event("message_delta", ending)
+            + sse_event("message_stop", {})
         )
 
 

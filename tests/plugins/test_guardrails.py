@@ -299,3 +299,32 @@ async def test_moderation_unavailable_fails_open_or_closed(
     with pytest.raises(openai.APIStatusError) as info:
         await ask(gw, "a calm question")
     assert info.value.status_code == 503 and info.value.body["code"] == "moderation_unavailable"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_output_rules_on_an_anthropic_targets_own_answers(
+    upstream: Upstream, make_gateway, stream: bool
+) -> None:
+    cfg = config(upstream, OUTPUT_RULES)
+    root = upstream.url.removesuffix("/v1")
+    cfg["providers"].append(
+        {"name": "claude", "type": "anthropic", "base_url": root, "api_key": "sk-ant-x-0123456789"}
+    )
+    cfg["models"].append(
+        {"name": "claude", "targets": [{"provider": "claude", "model": "claude-x:chunk_delay=0.01"}]}
+    )
+    gw = await make_gateway(cfg)
+    async with anthropic.AsyncAnthropic(base_url=gw.root.rstrip("/"), api_key=TEAM_KEY, max_retries=0) as c:
+        ask_ = [{"role": "user", "content": "mail alice@example.com on Project Falcon"}]
+        block = [{"role": "user", "content": "then Project Osprey started and more"}]
+        if stream:
+            async with c.messages.stream(model="claude", max_tokens=50, messages=ask_) as s:
+                redacted = await s.get_final_message()
+            async with c.messages.stream(model="claude", max_tokens=50, messages=block) as s:
+                blocked = await s.get_final_message()
+        else:
+            redacted = await c.messages.create(model="claude", max_tokens=50, messages=ask_)
+            blocked = await c.messages.create(model="claude", max_tokens=50, messages=block)
+    assert redacted.content[0].text == "Mock answer: mail [REDACTED:out-email] on [REDACTED:falcon]"  # type: ignore[union-attr]
+    assert blocked.content[0].text == "Mock answer: then "  # type: ignore[union-attr]
+    assert blocked.stop_reason == "refusal"
