@@ -328,3 +328,21 @@ async def test_output_rules_on_an_anthropic_targets_own_answers(
     assert redacted.content[0].text == "Mock answer: mail [REDACTED:out-email] on [REDACTED:falcon]"  # type: ignore[union-attr]
     assert blocked.content[0].text == "Mock answer: then "  # type: ignore[union-attr]
     assert blocked.stop_reason == "refusal"
+
+
+async def test_output_flag_and_the_native_api(upstream: Upstream, make_gateway) -> None:
+    rules = [
+        *OUTPUT_RULES,
+        {"name": "out-ip", "detector": "ip_address", "applies_to": "output", "action": "flag"},
+    ]
+    gw = await make_gateway(config(upstream, rules))
+    before = actions_out("out-ip", "flag")
+    answer = await ask(gw, "the host is 10.1.2.3")
+    assert answer.choices[0].message.content == "Mock answer: the host is 10.1.2.3"  # flag: served as is
+    assert actions_out("out-ip", "flag") == before + 1
+    status, body = await _post(
+        gw,
+        "/api/v1/llm/complete",
+        {"messages": [{"role": "user", "content": "mail alice@example.com"}], "options": {"model": "chat"}},
+    )
+    assert status == 200 and body["content"] == "Mock answer: mail [REDACTED:out-email]"
