@@ -239,3 +239,19 @@ async def test_the_cache_answers_again_in_either_form(upstream: Upstream, make_g
     )  # type: ignore[union-attr]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert again.usage.output_tokens == streamed.usage.output_tokens
+
+
+async def test_reasoning_from_an_openai_compatible_target_is_a_thinking_block(
+    upstream: Upstream, make_gateway
+) -> None:
+    gw = await make_gateway(config(upstream, "openai", "mock-chat:reasoning"))
+    async with client(gw) as c:
+        message = await c.messages.create(model="claude", max_tokens=50, messages=HELLO)
+        async with c.messages.stream(model="claude", max_tokens=50, messages=HELLO) as stream:
+            deltas = [e.delta.type async for e in stream if e.type == "content_block_delta"]
+            final = await stream.get_final_message()
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == "Thinking about it."  # type: ignore[union-attr]
+    assert deltas[0] == "thinking_delta" and "text_delta" in deltas
+    assert [b.type for b in final.content] == ["thinking", "text"]  # a new block when the kind changes
+    assert final.content[1].text == "Mock answer: hello claude"  # type: ignore[union-attr]
