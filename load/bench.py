@@ -17,9 +17,14 @@ target is an ``anthropic`` provider on the same mock (its ``/v1/messages``), wit
 per-round ratios messages/gateway (issue #14: at most 1.1x the CPU per request of ``gateway``).
 
 With ``--plugins``, the gateway runs ``load/bench-plugins.yaml`` (auth, limits, budgets) against a
-private Redis that bench.py starts. With ``--peers litellm,portkey``, other gateways (``load/peers.py``
-installs them into ``load/.peers/``) take their turn in the same rounds against the same mock, and a
-side-by-side table shows req/s, p50 at concurrency 1 and the peak RSS of every server.
+private Redis that bench.py starts. ``--plugins --guardrails`` adds a target ``guarded``: a second
+gateway process, ``load/bench-guardrails.yaml`` (the same plus the ``guardrails`` plugin with ten
+rules, input and output), on the same Redis, key and CPU, driven like ``gateway`` in the same rounds,
+with the median of the per-round ratios guarded/gateway (issue #15: at most 1.15x the CPU per request
+of ``gateway`` non-stream; streams per second reported). With ``--peers litellm,portkey``, other
+gateways (``load/peers.py`` installs them into ``load/.peers/``) take their turn in the same rounds
+against the same mock, and a side-by-side table shows req/s, p50 at concurrency 1 and the peak RSS of
+every server.
 
 then drives closed-loop load with ``wrk`` (or ``load/loadgen.py`` when wrk is not installed) in
 interleaved rounds, non-stream and stream, at ``--concurrency`` and at concurrency 1, and prints
@@ -30,6 +35,7 @@ medians plus the median of the per-round ratios gateway/bare and gateway/direct.
     .venv/bin/python load/bench.py --json out.json  # also write a JSON summary
     .venv/bin/python load/bench.py --native         # also the native API on the same gateway
     .venv/bin/python load/bench.py --messages       # also /v1/messages to an anthropic target
+    .venv/bin/python load/bench.py --plugins --guardrails  # also a gateway with guardrails on
     .venv/bin/python load/bench.py --plugins --peers litellm,portkey --rounds 2 --duration 3
 """
 
@@ -42,6 +48,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -78,9 +85,17 @@ GOAL_THROUGHPUT = 0.8  # gateway req/s >= 0.8x bare proxy
 GOAL_P50_C1_MS = 0.3  # gateway p50 at concurrency 1 within 0.3 ms of the bare proxy
 GOAL_NATIVE_CPU = 1.1  # a native non-stream completion costs <= 1.1x the CPU of the same on /v1
 GOAL_MESSAGES_CPU = 1.1  # /v1/messages to an anthropic target <= 1.1x /v1/chat/completions to openai
+GOAL_GUARDRAILS_CPU = 1.15  # ten input rules on: a non-stream request <= 1.15x the CPU without them
 
 PLUGINS_CONFIG = HERE / "bench-plugins.yaml"
 PLUGINS_API_KEY = "bench-team-key-0123456789"  # the team key in load/bench-plugins.yaml
+GUARDED = "guarded"  # --guardrails: a second gateway process, bench-plugins.yaml plus guardrails
+GUARDRAILS_CONFIG = HERE / "bench-guardrails.yaml"
+GATEWAYS = ("gateway", GUARDED)  # the servers that are llm-gateway processes
+# --guardrails, before the rounds: a prompt that rules of bench-guardrails.yaml act on (see check_guardrails)
+GUARDRAILS_PROBE = "w0 mail bench-probe@example.com from 10.1.2.3"
+GUARDRAILS_PROBE_SECRET = "bench-probe@example.com"  # redacted by the input rule `email`
+GUARDRAILS_PROBE_FLAGGED = "ip-address"  # flagged on the request (input) and on the echo (output)
 
 WRK_SCRIPT = """\
 wrk.method = "POST"
@@ -521,6 +536,8 @@ def redis_url(procs: Processes, layout: Layout, args: argparse.Namespace) -> tup
 def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) -> Servers:
     py = sys.executable
     ports = {t: free_port() for t in TARGETS}
+    if GUARDED in args.targets:
+        ports[GUARDED] = free_port()
     pids: dict[str, int] = {}
     url, redis_pid = redis_url(procs, layout, args)
     if redis_pid is not None:
@@ -546,26 +563,29 @@ def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) ->
     )
     gateway_bin = Path(py).with_name("llm-gateway")
     gateway_cmd = [str(gateway_bin)] if gateway_bin.exists() else [py, "-m", "gateway.cli"]
-    gateway = procs.start(
-        "gateway",
-        [
-            *gateway_cmd,
-            "serve",
-            "--config",
-            str(args.config),
-            "--host",
-            HOST,
-            "--port",
-            str(ports["gateway"]),
-            "--log-level",
-            args.gateway_log_level,
-        ],
-        cpus=layout.proxies,
-        env={"BENCH_MOCK_PORT": str(ports["direct"]), **({"BENCH_REDIS_URL": url} if url else {})},
-        stdout=args.gateway_log,  # the access log is written (it is part of the hot path), to /dev/null
-    )
+    configs = {"gateway": args.config, **({GUARDED: args.guardrails} if GUARDED in args.targets else {})}
+    for name, config in configs.items():  # --guardrails: a second gateway, alike but for its config
+        gateway = procs.start(
+            name,
+            [
+                *gateway_cmd,
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                HOST,
+                "--port",
+                str(ports[name]),
+                "--log-level",
+                args.gateway_log_level,
+            ],
+            cpus=layout.proxies,
+            env={"BENCH_MOCK_PORT": str(ports["direct"]), **({"BENCH_REDIS_URL": url} if url else {})},
+            stdout=args.gateway_log,  # the access log is written (it is part of the hot path), to /dev/null
+        )
+        pids[name] = gateway.popen.pid
     ports[NATIVE] = ports[MESSAGES] = ports["gateway"]
-    pids.update(mock=mock.popen.pid, bare=bare.popen.pid, gateway=gateway.popen.pid)
+    pids.update(mock=mock.popen.pid, bare=bare.popen.pid)
     servers = Servers(ports, pids, targets={mode: list(args.targets) for mode in args.modes})
     deadline = time.monotonic() + 20
     for mode in MODES:
@@ -576,14 +596,85 @@ def start_servers(procs: Processes, layout: Layout, args: argparse.Namespace) ->
                     validate(target, mode, *post(ports[target], path, body, headers))
                     break
                 except BenchError as exc:
-                    quiet = server_of(target) == "gateway" and args.gateway_log == os.devnull
+                    quiet = server_of(target) in GATEWAYS and args.gateway_log == os.devnull
                     hint = " (rerun with --gateway-log FILE to see its log)" if quiet else ""
                     raise BenchError(f"{exc}{hint}") from None
                 except (OSError, http.client.HTTPException) as exc:
                     if time.monotonic() > deadline:
                         raise BenchError(f"{target} did not come up on port {ports[target]}: {exc}") from None
                     time.sleep(0.1)
+    if GUARDED in args.targets:
+        check_guardrails(servers, args)
     return servers
+
+
+def check_guardrails(servers: Servers, args: argparse.Namespace) -> None:
+    """``--guardrails``: check, before the rounds, that the guarded gateway's rules run on requests and
+    on answers, whole and streamed, so that its figures cannot be those of rules that never run. The
+    probe's email address must come back (the mock echoes the prompt) redacted by the input rule
+    ``email``, and its IP address must be flagged by ``ip-address`` once on the request and once on
+    the answer (``llm_gateway_guardrail_actions_total`` on the guarded gateway's /metrics)."""
+    port = servers.ports[GUARDED]
+    messages = [{"role": "user", "content": GUARDRAILS_PROBE}]
+    expected = guardrail_directions(args.guardrails, GUARDRAILS_PROBE_FLAGGED)
+    redacts_input = "input" in guardrail_directions(args.guardrails, "email")
+    for mode in MODES:
+        before = guardrail_actions(port, GUARDRAILS_PROBE_FLAGGED)
+        stream = {"stream": True} if mode == "stream" else {}
+        body = json.dumps({"model": args.model, "messages": messages, **stream}).encode()
+        status, content_type, data = post(port, PATH, body, gateway_headers(args, GUARDED))
+        validate(GUARDED, mode, status, content_type, data)
+        if redacts_input and (GUARDRAILS_PROBE_SECRET.encode() in data or b"[REDACTED:email]" not in data):
+            raise BenchError(
+                f"{GUARDED} ({mode}): the input rule `email` did not redact the probe: {data[:300]!r}"
+            )
+        deadline = time.monotonic() + 2  # a stream's output actions are counted as it ends
+        while True:
+            after = guardrail_actions(port, GUARDRAILS_PROBE_FLAGGED)
+            missing = [d for d in expected if after.get(d, 0) <= before.get(d, 0)]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{GUARDED} ({mode}): rule `{GUARDRAILS_PROBE_FLAGGED}` was not counted on the "
+                    f"{' and '.join(missing)} (is `guardrails` in the plugins of "
+                    f"{display_path(args.guardrails)}?)"
+                )
+            time.sleep(0.05)
+
+
+def guardrail_directions(config: Path, rule: str) -> tuple[str, ...]:
+    """The directions (input, output) the rule named ``rule`` of a gateway config applies to."""
+    import yaml
+
+    for entry in (yaml.safe_load(config.read_text()).get("guardrails") or {}).get("rules") or ():
+        if entry.get("name") == rule:
+            applies = entry.get("applies_to", "both")
+            return tuple(d for d in ("input", "output") if applies in (d, "both"))
+    return ()
+
+
+def guardrail_actions(port: int, rule: str) -> dict[str, float]:
+    """``llm_gateway_guardrail_actions_total`` of one rule from a gateway's /metrics, per direction."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BenchError(f"GET /metrics on port {port} answered HTTP {resp.status}: {text[:200]!r}")
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("llm_gateway_guardrail_actions_total{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if found.get("rule") == rule:
+            direction = found.get("direction", "")
+            out[direction] = out.get(direction, 0.0) + float(value)
+    return out
 
 
 def start_peers(
@@ -671,7 +762,7 @@ def server_of(target: str) -> str:
 def model_for(target: str, args: argparse.Namespace) -> str:
     if target == MESSAGES:
         return str(args.messages_model)
-    return args.model if server_of(target) == "gateway" else UPSTREAM_MODEL
+    return args.model if server_of(target) in GATEWAYS else UPSTREAM_MODEL
 
 
 def gateway_headers(args: argparse.Namespace, target: str = "gateway") -> dict[str, str]:
@@ -999,6 +1090,11 @@ def summarize(
             ratios[mode].update(over_gateway_ratios(at_c, MESSAGES, rounds))
             cpu = ratios[mode]["messages_over_gateway_cpu_per_req"]
             goals[mode]["messages_cpu_vs_gateway"] = cpu_goal(cpu, GOAL_MESSAGES_CPU)
+        if GUARDED in args.targets:  # issue #15: CPU judged non-stream; streams per second reported
+            ratios[mode].update(over_gateway_ratios(at_c, GUARDED, rounds))
+            if mode == "non-stream":
+                cpu = ratios[mode]["guarded_over_gateway_cpu_per_req"]
+                goals[mode]["guardrails_cpu_vs_gateway"] = cpu_goal(cpu, GOAL_GUARDRAILS_CPU)
     return {
         "settings": {
             "rounds": args.rounds,
@@ -1008,6 +1104,7 @@ def summarize(
             "stream_content_chunks": args.chunks,
             "messages_model": args.messages_model if MESSAGES in args.targets else None,
             "config": str(args.config),
+            "guardrails_config": str(args.guardrails) if GUARDED in args.targets else None,
             "redis": args.redis,
             "peers": list(args.peers),
             "network_namespace": args.in_netns,
@@ -1043,6 +1140,7 @@ def describe_servers(args: argparse.Namespace, servers: Servers | None) -> dict[
         "gateway": f"llm-gateway, {display_path(args.config)}",
         NATIVE: "llm-gateway, native API",
         MESSAGES: f"llm-gateway, /v1/messages to {getattr(args, 'messages_model', MESSAGES_MODEL)}",
+        GUARDED: f"llm-gateway, {display_path(args.guardrails) if args.guardrails else ''}",
     }
     out = {}
     for target in [*args.targets, *args.peers]:
@@ -1144,6 +1242,16 @@ def render(result: dict[str, Any]) -> str:
             lines += render_over_gateway(r, NATIVE, g.get("native_cpu_vs_gateway"), GOAL_NATIVE_CPU)
         if "messages_over_gateway_rps" in r:
             lines += render_over_gateway(r, MESSAGES, g.get("messages_cpu_vs_gateway"), GOAL_MESSAGES_CPU)
+        if "guarded_over_gateway_rps" in r:
+            goal = g.get("guardrails_cpu_vs_gateway")
+            lines += render_over_gateway(
+                r,
+                GUARDED,
+                goal,
+                GOAL_GUARDRAILS_CPU,
+                goal_text=f"<= {GOAL_GUARDRAILS_CPU}x CPU (non-stream)",
+                rps_note="streams/s, no goal; " if mode == "stream" else "",
+            )
     lines += render_side_by_side(result)
     targets = max(1, len(next(iter(result["summary"].values()))))
     redone = len(result.get("discarded_runs", ())) // (2 * targets)
@@ -1193,17 +1301,23 @@ def render_side_by_side(result: dict[str, Any]) -> list[str]:
 
 
 def render_over_gateway(
-    r: dict[str, Any], target: str, goal: dict[str, Any] | None, limit: float
+    r: dict[str, Any],
+    target: str,
+    goal: dict[str, Any] | None,
+    limit: float,
+    *,
+    goal_text: str | None = None,
+    rps_note: str = "",
 ) -> list[str]:
     def per_round(key: str) -> str:
         return "per round " + ", ".join(f"{x:.2f}" for x in r[f"{key}_per_round"])
 
-    judged = f"goal <= {limit}: {'met' if goal['met'] else 'NOT met'}; " if goal else ""
+    judged = f"goal {goal_text or f'<= {limit}'}: {'met' if goal['met'] else 'NOT met'}; " if goal else ""
     name = f"{target}/gateway"
     name = f"{name:<{max(15, len(name) + 1)}}"  # the gateway/bare lines' column, or one space more
     return [
         f"    {name}req/s      {fmt(r[f'{target}_over_gateway_rps'], '.2f')}x   "
-        f"({per_round(f'{target}_over_gateway_rps')})",
+        f"({rps_note}{per_round(f'{target}_over_gateway_rps')})",
         f"    {name}cpu/req    {fmt(r[f'{target}_over_gateway_cpu_per_req'], '.2f')}x   "
         f"({judged}{per_round(f'{target}_over_gateway_cpu_per_req')})",
     ]
@@ -1310,6 +1424,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=MESSAGES_MODEL,
         help=f"with --messages: the model sent to /v1/messages (default {MESSAGES_MODEL}, load/bench*.yaml)",
     )
+    p.add_argument(
+        "--guardrails",
+        nargs="?",
+        type=Path,
+        const=GUARDRAILS_CONFIG,
+        default=None,
+        metavar="CONFIG",
+        help="with --plugins, add target `guarded`: a second gateway running CONFIG (default "
+        "load/bench-guardrails.yaml: bench-plugins.yaml plus ten input rules; "
+        "load/bench-guardrails-output.yaml: ten output rules) on the same Redis, key and CPU",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 if a goal is not met")
     args = p.parse_args(argv)
     if args.quick:
@@ -1318,9 +1443,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.duration < 1 or args.concurrency < 1 or args.chunks < 3:
         p.error("--rounds, --duration and --concurrency must be >= 1, --chunks >= 3")
     args.modes = MODES if args.mode == "both" else (args.mode,)
-    args.targets = (*TARGETS, *((NATIVE,) if args.native else ()), *((MESSAGES,) if args.messages else ()))
+    args.targets = (
+        *TARGETS,
+        *((GUARDED,) if args.guardrails else ()),
+        *((NATIVE,) if args.native else ()),
+        *((MESSAGES,) if args.messages else ()),
+    )
     if args.config is None:
         args.config = PLUGINS_CONFIG if args.plugins else HERE / "bench.yaml"
+    if args.guardrails and args.config.resolve() != PLUGINS_CONFIG:
+        p.error(
+            f"--guardrails compares {display_path(args.guardrails)} with "
+            f"{display_path(PLUGINS_CONFIG)}: add --plugins"
+        )
     if args.api_key is None:
         default = PLUGINS_API_KEY if args.config.resolve() == PLUGINS_CONFIG else "none"
         args.api_key = os.environ.get("BENCH_API_KEY", default)

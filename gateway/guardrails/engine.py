@@ -38,6 +38,7 @@ class Rule:
     find: Callable[[str], list[tuple[int, int]]]
     hold: int  # characters a stream must hold back for a match split across chunks to be seen whole
     moderation: GuardrailRule | None = None  # type moderation: asked of a provider, never matched here
+    pattern: str = ""  # the RE2 pattern its matches come from (every match of the rule matches it)
 
     @classmethod
     def of(cls, rule: GuardrailRule) -> Rule:
@@ -46,7 +47,9 @@ class Rule:
         if rule.detector is not None:
             find = DETECTORS[rule.detector].find
             hold = DETECTORS[rule.detector].max_chars
+            pattern = DETECTORS[rule.detector].pattern
         else:
+            pattern = rule.pattern or ""
             hold = PATTERN_HOLD
             compiled = compile_pattern(rule.pattern or "")
 
@@ -54,11 +57,19 @@ class Rule:
                 return find_pattern(compiled, text)
 
         inp, out = rule.applies_to != "output", rule.applies_to != "input"
-        return cls(rule.name, rule.action, inp, out, find, min(hold, MAX_HOLD))
+        return cls(rule.name, rule.action, inp, out, find, min(hold, MAX_HOLD), None, pattern)
 
 
 def _nothing(text: str) -> list[tuple[int, int]]:
     return []
+
+
+def _never(text: str) -> bool:
+    return False
+
+
+def _always(text: str) -> bool:
+    return True
 
 
 class Guard:
@@ -71,7 +82,31 @@ class Guard:
         self.max_chars = config.guardrails.max_scan_chars
         self._input = tuple(r for r in self.rules if r.input)
         self._output = tuple(r for r in self.rules if r.output)
+        self._prefilters: dict[tuple[Rule, ...], Callable[[str], bool]] = {}
         self._counters: dict[tuple[str, str, str], Any] = {}
+
+    def candidates(self, rules: tuple[Rule, ...]) -> Callable[[str], bool]:
+        """Whether a text may match any of ``rules``: one RE2 search over all their patterns at once
+        (the usual clean text costs that one search, not one per rule); False is certain."""
+        check = self._prefilters.get(rules)
+        if check is None:
+            patterns = [r.pattern for r in rules if r.moderation is None]
+            try:
+                combined = compile_pattern("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+            except ValueError:  # too big for one RE2 program: every text is a candidate
+                combined = False
+            if combined is None:
+                check = _never
+            elif combined is False:
+                check = _always
+            else:
+
+                def check(text: str) -> bool:
+                    return combined.search(text) is not None
+
+            if len(self._prefilters) < 1024:  # one per distinct rule list (teams): bounded anyway
+                self._prefilters[rules] = check
+        return check
 
     def input_rules(self, identity: Identity | None) -> tuple[Rule, ...]:
         return self._rules(identity, self._input, "input")
@@ -122,6 +157,8 @@ class Guard:
 
     def scan(self, text: str, rules: tuple[Rule, ...], acted: set[tuple[str, str]]) -> tuple[str, bool]:
         """``text`` with its redactions, cut before the first block match; True when it was cut."""
+        if not text or not self.candidates(rules)(text):
+            return text, False
         cut: int | None = None
         for rule in rules:
             if rule.action != "block":
@@ -167,8 +204,11 @@ class Guard:
                 code="content_too_large",
             )
         acted: set[tuple[str, str]] = set()
+        may_match = self.candidates(rules)
         for get, put in texts:
             text = get()
+            if not may_match(text):
+                continue
             for rule in rules:
                 spans = rule.find(text)
                 if not spans:
@@ -329,6 +369,7 @@ class TextHold:
         self.guard, self.rules, self.acted = guard, rules, acted
         self.others = tuple(r for r in rules if r.action != "block")
         self.hold = max(r.hold for r in rules)
+        self.may_match = guard.candidates(rules)
         self.pending = ""
 
     def take(self, text: str, *, final: bool) -> tuple[str, bool]:
@@ -337,6 +378,10 @@ class TextHold:
         text = self.pending = self.pending + text
         if not text:
             return "", False
+        if not self.may_match(text):  # nothing here can be (or start) a match: all of it may go
+            cut = len(text) if final else max(0, len(text) - self.hold)
+            out, self.pending = text[:cut], text[cut:]
+            return out, False
         cut = len(text) if final else max(0, len(text) - self.hold)
         blocked = None
         for rule in self.rules:
