@@ -16,10 +16,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import orjson
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from gateway import jsonx
 from gateway.accounting import fits_window
 from gateway.auth import Identity
 from gateway.context import UNKNOWN_MODEL, RequestContext
@@ -122,7 +122,7 @@ async def unary(gw: Gateway, ctx: RequestContext, path: str = "/chat/completions
         else:  # a long answer takes milliseconds: never on the event loop
             changed = await asyncio.to_thread(check, result.parsed, anthropic, rules, ctx.request_id)
         if changed:
-            result.body = orjson.dumps(result.parsed)
+            result.body = jsonx.dumps(result.parsed)  # (a lone surrogate the upstream sent stays valid JSON)
     return result
 
 

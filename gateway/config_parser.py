@@ -276,6 +276,12 @@ def _config(root: _Reader, source: str) -> Config:
         root.problem(
             "guardrails", "rules are set but the guardrails plugin is not in plugins (none would apply)"
         )
+    if (
+        "guardrails" in plugins
+        and "cache" in plugins
+        and plugins.index("cache") < plugins.index("guardrails")
+    ):
+        root.problem("plugins", "guardrails must come before cache (a cached answer would skip the rules)")
     return Config(
         server=server,
         providers=providers,

@@ -16,7 +16,7 @@ import asyncio
 import math
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -221,8 +221,11 @@ def _passthrough(ctx: RequestContext, target: Target) -> bytes:
 
 
 def _anthropic_headers(ctx: RequestContext) -> dict[str, str] | None:
+    return anthropic_headers(ctx.headers)
+
+
+def anthropic_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
     """The client's anthropic-version and anthropic-beta, when sane (else the provider's own version)."""
-    headers = ctx.headers
     forwarded = {
         name: value
         for name in ANTHROPIC_HEADERS
@@ -283,7 +286,7 @@ async def unary_attempt(ctx: RequestContext, target: Target, path: str) -> Unary
         return Unary(resp.status, body, parsed)
     if target.provider.translates:
         parsed = target.provider.chat_answer(parsed)
-        body = orjson.dumps(parsed)
+        body = jsonx.dumps(parsed)  # (a lone surrogate the upstream sent stays valid JSON)
     ctx.usage = Usage.from_json(parsed.get("usage"))
     return Unary(resp.status, body, parsed)
 

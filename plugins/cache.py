@@ -57,6 +57,7 @@ class CachePlugin:
         self.store: CacheStore = services.cache
         self.prefix = services.prefix
         self.inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self.guard = services.guard  # output guardrails: an answer is cached per output rule set
         self.results = {r: metrics.CACHE_REQUESTS.labels(r) for r in ("hit", "miss", "bypass")}
 
     # -- admission ---------------------------------------------------------------------------
@@ -91,8 +92,14 @@ class CachePlugin:
         canonical = {k: v for k, v in ctx.body.items() if k not in IGNORED_FIELDS}
         digest = hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
         namespace = "_shared" if self.settings.shared else (ctx.team or "_anonymous")
-        if ctx.endpoint == "messages":  # Anthropic's format: entries of their own
-            digest = "msg-" + digest
+        if self.guard is not None:  # stored as filtered by the caller's output rules: only theirs may read it
+            rules = self.guard.output_rules(ctx.identity)
+            if rules:
+                names = ",".join(sorted(r.name for r in rules))
+                digest = hashlib.sha256(f"{names}|{digest}".encode()).hexdigest()
+        if ctx.endpoint == "messages":  # Anthropic's format: entries of their own, per version and betas
+            api = "|".join(ctx.headers.get(n, "") for n in ("anthropic-version", "anthropic-beta"))
+            digest = "msg-" + hashlib.sha256(f"{api}|{digest}".encode()).hexdigest()
         return f"{self.prefix}:cache:{namespace}:{ctx.model.name}:{digest}"
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.config import IdentityNeed, ModelConfig
 from gateway.context import RequestContext
+from gateway.errors import InvalidRequest
 from gateway.guardrails.engine import Guard
 from gateway.pipeline import Services
 
@@ -27,6 +28,11 @@ class GuardrailsPlugin:
         self.guard = services.guard if services.guard is not None else Guard(services.config)
 
     async def admit(self, ctx: RequestContext) -> web.StreamResponse | None:
+        n = ctx.body.get("n")
+        if isinstance(n, int) and n > 1 and self.guard.output_rules(ctx.identity):
+            raise InvalidRequest(
+                "n > 1 cannot be combined with the output guardrails that apply to this key", param="n"
+            )
         rules = self.guard.input_rules(ctx.identity)
         if not rules:
             return None

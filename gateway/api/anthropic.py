@@ -11,16 +11,18 @@ shape (the edge, ``gateway.server``). The cache stores these answers as Messages
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway import completion as core
+from gateway import jsonx
 from gateway.api.openai import JSON, begin, gateway_headers, read_json
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway.formats import anthropic
-from gateway.relay import read_body, relay_stream
+from gateway.relay import anthropic_headers, read_body, relay_stream
 from gateway.runtime import GATEWAY, Gateway
 
 PREFIX = "/v1/messages"
@@ -40,6 +42,15 @@ def _validate(body: dict[str, Any]) -> None:
         raise InvalidRequest("max_tokens: a positive integer is required", param="max_tokens")
     if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
         raise InvalidRequest("stream: must be a boolean", param="stream")
+    _check_system(body)
+
+
+def _check_system(body: dict[str, Any]) -> None:
+    system = body.get("system")
+    if system is not None and not (
+        isinstance(system, str) or (isinstance(system, list) and all(isinstance(b, dict) for b in system))
+    ):
+        raise InvalidRequest("system: a string or an array of text blocks", param="system")
 
 
 def _native(gw: Gateway, provider: str | None) -> bool:
@@ -63,7 +74,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if _native(gw, ctx.provider):
         data = result.body
     else:
-        data = orjson.dumps(anthropic.chat_to_message(result.parsed, ctx.model_name))
+        data = jsonx.dumps(anthropic.chat_to_message(result.parsed, ctx.model_name))
     ctx.response_body, ctx.complete = data, True
     return web.Response(body=data, content_type=JSON)
 
@@ -79,6 +90,7 @@ async def count_tokens(request: web.Request) -> web.Response:
         raise InvalidRequest("model: a string is required", param="model")
     if not isinstance(body.get("messages"), list):
         raise InvalidRequest("messages: an array is required", param="messages")
+    _check_system(body)
     identity = await gw.auth.identify(request.headers) if gw.authenticates else None
     route = gw.router.routes.get(name)
     if route is None or not route.targets:
@@ -86,7 +98,8 @@ async def count_tokens(request: web.Request) -> web.Response:
     if identity is not None and not identity.allows(name):
         raise PermissionDenied(f"this key may not use model {name!r}", code="model_not_allowed")
     for target in route.targets:
-        if target.provider.wire == "anthropic" and target.breaker.allow():
+        # (not breaker.allow(): that would take a half-open circuit's one trial and never give it back)
+        if target.provider.wire == "anthropic" and not target.breaker.is_open:
             exact = await _count_upstream(request, target.provider, {**body, "model": target.model})
             if exact is not None:
                 return web.Response(body=exact, content_type=JSON, headers={"x-gateway-token-count": "exact"})
@@ -96,17 +109,18 @@ async def count_tokens(request: web.Request) -> web.Response:
 
 
 async def _count_upstream(request: web.Request, provider: Any, body: dict[str, Any]) -> bytes | None:
-    headers = {n: v for n in ("anthropic-version", "anthropic-beta") if (v := request.headers.get(n))}
+    headers = anthropic_headers(request.headers)
     try:
-        resp = await provider.post(
-            f"{provider.chat_path}/count_tokens", orjson.dumps(body), stream=False, headers=headers or None
-        )
-    except Exception:  # unreachable: the estimate answers instead
+        async with asyncio.timeout(provider.timeouts.first_byte):
+            resp = await provider.post(
+                f"{provider.chat_path}/count_tokens", orjson.dumps(body), stream=False, headers=headers
+            )
+            try:
+                data = await read_body(resp, 64 * 1024)
+            finally:
+                resp.release()
+    except Exception:  # unreachable, failing or late: the estimate answers instead
         return None
-    try:
-        data = await read_body(resp, 64 * 1024)
-    finally:
-        resp.release()
     if resp.status != 200:
         return None
     try:

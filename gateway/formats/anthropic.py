@@ -8,6 +8,7 @@ request's state in one ``ChatStream``. The full mapping table is in docs/anthrop
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -481,6 +482,8 @@ def messages_to_chat(body: dict[str, Any], model: str) -> dict[str, Any]:
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        return ""
     return "\n".join(
         str(b.get("text", "")) for b in content if isinstance(b, dict) and b.get("type") == "text"
     )
@@ -582,6 +585,8 @@ class MessagesStream:
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
         for event in data.split(b"\n\n"):
             payload = _data(event)
             if payload is None or payload == b"[DONE]":
@@ -595,6 +600,11 @@ class MessagesStream:
         return b"".join(out)
 
     def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
+        error = chunk.get("error")
+        if error and not chunk.get("choices"):  # the upstream's failure mid-stream: Anthropic's error
+            said = error.get("message") if isinstance(error, dict) else error
+            out.append(error_event(502, f"the upstream reported an error: {str(said)[:200]}"))
+            return
         if not self.started:
             self.started = True
             self.id = _message_id(chunk.get("id"))
@@ -622,14 +632,14 @@ class MessagesStream:
             for call in delta.get("tool_calls") or ():
                 function = call.get("function") or {}
                 key = f"tool{call.get('index', 0)}"
-                if call.get("id") or self.kind != key:
+                if self.kind != key:  # a new tool call (by its index; a repeated id is the same call)
                     block = {
                         "type": "tool_use",
                         "id": call.get("id"),
                         "name": function.get("name"),
                         "input": {},
                     }
-                    self._open(key, block, out, force=bool(call.get("id")))
+                    self._open(key, block, out)
                 if function.get("arguments"):
                     out.append(
                         self._delta({"type": "input_json_delta", "partial_json": function["arguments"]})
@@ -682,6 +692,9 @@ def sse_event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
 
 
+_PING = re.compile(rb'"type"\s*:\s*"ping"')
+
+
 class EventScanner:
     """An Anthropic event stream read on the side, as ``gateway.sse.SSEScanner`` reads OpenAI's: whole
     events forwarded untouched, data events counted (``ping`` is not data: it must not hold off the
@@ -711,7 +724,7 @@ class EventScanner:
             return b""
         whole, self._pending = data[: end + 2], data[end + 2 :]
         for event in whole.split(b"\n\n"):
-            if b"data:" not in event or b'"type":"ping"' in event:
+            if b"data:" not in event or event.startswith(b"event: ping") or _PING.search(event):
                 continue
             self.data_events += 1
             if b'"usage"' in event or b'"type":"error"' in event or event.startswith(b"event: error"):

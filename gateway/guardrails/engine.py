@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import structlog
 
-from gateway import metrics
+from gateway import jsonx, metrics
 from gateway.auth import Identity
 from gateway.config import Config, GuardrailRule
 from gateway.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable
@@ -27,6 +27,8 @@ log = structlog.get_logger("gateway.guardrails")
 CONTENT_FILTER = "content_filter"
 PATTERN_HOLD = 256  # a user pattern's longest match, as far as a stream's hold-back goes
 MAX_HOLD = 1024  # text a stream holds back at most (a longer match can be cut before it is seen)
+MARGIN = 8  # a match ending this close to a stream's held text may still change with the next chunk
+MODERATION_MAX_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +59,30 @@ class Rule:
                 return find_pattern(compiled, text)
 
         inp, out = rule.applies_to != "output", rule.applies_to != "input"
-        return cls(rule.name, rule.action, inp, out, find, min(hold, MAX_HOLD), None, pattern)
+        return cls(rule.name, rule.action, inp, out, _matchable(find), min(hold, MAX_HOLD), None, pattern)
 
 
 def _nothing(text: str) -> list[tuple[int, int]]:
     return []
+
+
+def matchable(text: str) -> str:
+    """``text`` as RE2 can read it: a lone surrogate (valid JSON, not UTF-8) becomes U+FFFD — one
+    character for one, so spans found in it are spans of ``text``."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _matchable(find: Callable[[str], list[tuple[int, int]]]) -> Callable[[str], list[tuple[int, int]]]:
+    def run(text: str) -> list[tuple[int, int]]:
+        return find(matchable(text))
+
+    return run
 
 
 def _never(text: str) -> bool:
@@ -102,7 +123,7 @@ class Guard:
             else:
 
                 def check(text: str) -> bool:
-                    return combined.search(text) is not None
+                    return combined.search(matchable(text)) is not None
 
             if len(self._prefilters) < 1024:  # one per distinct rule list (teams): bounded anyway
                 self._prefilters[rules] = check
@@ -268,7 +289,9 @@ class Guard:
             async with asyncio.timeout(rule.timeout_seconds):
                 resp = await provider.post("/moderations", orjson.dumps(body), stream=False)
                 try:
-                    data = await resp.read() if resp.status == 200 else None
+                    data = await resp.content.read(MODERATION_MAX_BYTES + 1) if resp.status == 200 else None
+                    if data is not None and len(data) > MODERATION_MAX_BYTES:
+                        raise ValueError("moderation answer too large")
                 finally:
                     resp.release()
             results = orjson.loads(data).get("results") if data else None
@@ -341,12 +364,24 @@ def _texts(body: dict[str, Any], endpoint: str) -> Iterator[Text]:
             yield _slot(message, "content")
         elif isinstance(content, list):
             yield from _parts(content)
+        for call in message.get("tool_calls") or ():  # earlier tool calls' arguments go upstream too
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                yield _slot(function, "arguments")
 
 
 def _parts(parts: list[Any]) -> Iterator[Text]:
     for part in parts:
-        if isinstance(part, dict) and isinstance(part.get("text"), str):
+        if not isinstance(part, dict):
+            continue
+        if isinstance(part.get("text"), str):
             yield _slot(part, "text")
+        elif part.get("type") == "tool_result":  # Anthropic's tool results carry text too
+            content = part.get("content")
+            if isinstance(content, str):
+                yield _slot(part, "content")
+            elif isinstance(content, list):
+                yield from _parts(content)
 
 
 def _slot(container: Any, key: Any) -> Text:
@@ -383,19 +418,45 @@ class TextHold:
             out, self.pending = text[:cut], text[cut:]
             return out, False
         cut = len(text) if final else max(0, len(text) - self.hold)
+        settled = len(text) if final else len(text) - MARGIN  # matches ending later may still change
         blocked = None
+        found: list[tuple[int, int, Rule]] = []  # settled matches of the other rules, in this window
         for rule in self.rules:
             for start, end in rule.find(text):
-                if rule.action == "block":
+                if end > settled:
+                    cut = min(cut, start)  # ("project falcon" + "ry" is no match): it waits
+                elif rule.action == "block":
                     self.acted.add((rule.name, "block"))
                     blocked = start if blocked is None else min(blocked, start)
-                elif not final and start < cut < end:
-                    cut = start  # never cut inside a match: it waits whole
+                else:
+                    found.append((start, end, rule))
+                    if not final and start < cut < end:
+                        cut = start  # never cut inside a match: it waits whole
+        if not final:  # bounded: a match longer than the hold is relayed in parts
+            cut = max(cut, len(text) - MAX_HOLD - self.hold)
+        end_at = cut if blocked is None else blocked  # a block: all the text before its match goes
+        out = self._apply(text[:end_at], [f for f in found if f[1] <= end_at])
         if blocked is not None:
             self.pending = ""
-            return self.guard.scan(text[:blocked], self.others, self.acted)[0], True
-        out, self.pending = text[:cut], text[cut:]
-        return (self.guard.scan(out, self.others, self.acted)[0] if out else ""), False
+            return out, True
+        self.pending = text[cut:]
+        return out, False
+
+    def _apply(self, text: str, found: list[tuple[int, int, Rule]]) -> str:
+        """``text`` with the matches found in the whole window redacted (never re-found in a part of
+        it, where a cut could make a match that is not one), and the actions noted."""
+        spans: list[tuple[int, int, str]] = []
+        for start, end, rule in sorted(found, key=lambda f: (f[0], -f[1])):
+            self.acted.add((rule.name, rule.action))
+            if rule.action == "redact" and (not spans or start >= spans[-1][1]):
+                spans.append((start, end, rule.name))
+        out: list[str] = []
+        last = 0
+        for start, end, name in spans:
+            out += (text[last:start], f"[REDACTED:{name}]")
+            last = end
+        out.append(text[last:])
+        return "".join(out)
 
 
 class OutputFilter(Protocol):
@@ -422,6 +483,8 @@ class StreamGuard:
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
         for event in data.split(b"\n\n"):
             if self.stopped:
                 break  # blocked: nothing more is relayed
@@ -494,6 +557,8 @@ class MessagesStreamGuard:
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
         for event in data.split(b"\n\n"):
             if self.stopped:
                 break
@@ -549,11 +614,11 @@ def _payload(event: bytes) -> bytes | None:
 
 def _json(payload: bytes) -> dict[str, Any] | None:
     try:
-        value = orjson.loads(payload)
-    except orjson.JSONDecodeError:
+        value = jsonx.loads(payload)  # lenient: a lone surrogate is valid JSON, and checked too
+    except jsonx.DecodeError:
         return None
     return value if isinstance(value, dict) else None
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+    return b"data: " + jsonx.dumps(chunk) + b"\n\n"

@@ -346,3 +346,83 @@ async def test_output_flag_and_the_native_api(upstream: Upstream, make_gateway) 
         {"messages": [{"role": "user", "content": "mail alice@example.com"}], "options": {"model": "chat"}},
     )
     assert status == 200 and body["content"] == "Mock answer: mail [REDACTED:out-email]"
+
+
+async def test_a_cached_answer_is_only_served_under_the_rules_it_was_filtered_by(
+    upstream: Upstream, make_gateway
+) -> None:
+    rules = [{"name": "sec", "detector": "secret", "applies_to": "output", "action": "redact"}]
+    cfg = config(upstream, rules, guardrails=[])  # team-a: no rules; team-b: every rule
+    cfg["plugins"] = ["auth", "guardrails", "rate_limit", "quota", "cache"]
+    cfg["cache"] = {"enabled": True, "ttl_seconds": 60, "shared": True}
+    gw = await make_gateway(cfg)
+    first = await ask(gw, f"echo {SECRET}")
+    assert SECRET in (first.choices[0].message.content or "")  # team-a: no rules apply
+    await gw.gateway.pipeline.drain()  # the cache write
+    second = await ask(gw, f"echo {SECRET}", key=TEAM_B_KEY)
+    assert SECRET not in (second.choices[0].message.content or "")  # not team-a's cached answer
+    cfg["plugins"] = ["auth", "rate_limit", "quota", "cache", "guardrails"]
+    with pytest.raises(ConfigError, match="guardrails must come before cache"):
+        config_mod.parse(cfg, env={})
+
+
+async def test_tool_results_and_earlier_tool_call_arguments_are_checked(
+    upstream: Upstream, make_gateway
+) -> None:
+    gw = await make_gateway(config(upstream))
+    arguments = orjson.dumps({"k": SECRET}).decode()
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c", "content": "ok"},
+    ]
+    with pytest.raises(openai.BadRequestError):
+        await gw.client(api_key=TEAM_KEY).chat.completions.create(model="chat", messages=history)  # type: ignore[arg-type]
+    async with anthropic.AsyncAnthropic(base_url=gw.root.rstrip("/"), api_key=TEAM_KEY, max_retries=0) as c:
+        with pytest.raises(anthropic.BadRequestError):
+            await c.messages.create(
+                model="chat",
+                max_tokens=10,
+                messages=[
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "tool_use", "id": "t", "name": "read", "input": {}}],
+                    },
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_result", "tool_use_id": "t", "content": f"key={SECRET}"}],
+                    },
+                ],
+            )
+    assert upstream.state.requests == []
+
+
+async def test_an_answer_with_a_lone_surrogate_is_still_checked_and_served(
+    upstream: Upstream, make_gateway
+) -> None:
+    cfg = config(upstream, OUTPUT_RULES)
+    cfg["models"][0]["targets"][0]["model"] = "mock-chat:lone_surrogate"
+    gw = await make_gateway(cfg)
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gw.url + "/chat/completions",
+            headers={"Authorization": f"Bearer {TEAM_KEY}"},
+            json={"model": "chat", "messages": [{"role": "user", "content": "mail alice@example.com"}]},
+        ) as resp,
+    ):
+        raw = await resp.read()
+    assert resp.status == 200 and b"[REDACTED:out-email]" in raw and b"alice@example.com" not in raw
+
+
+async def test_several_choices_cannot_bypass_output_rules(upstream: Upstream, make_gateway) -> None:
+    gw = await make_gateway(config(upstream, OUTPUT_RULES))
+    with pytest.raises(openai.BadRequestError) as info:
+        await gw.client(api_key=TEAM_KEY).chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], n=2
+        )
+    assert "n > 1" in str(info.value)
