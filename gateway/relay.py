@@ -43,7 +43,7 @@ from gateway.guardrails.engine import OutputFilter
 from gateway.limits.tokens import estimate_prompt_tokens
 from gateway.routing import Target
 from gateway.sse import SSEScanner, StreamScanner
-from gateway.steering import stripped
+from gateway.steering import SERVER_TOOL_TYPES, stripped
 
 MAX_UPSTREAM_BODY = 32 * 1024 * 1024
 SSE_HEADERS = {
@@ -197,7 +197,7 @@ def _request(ctx: RequestContext, target: Target, path: str) -> tuple[str, bytes
     provider = target.provider
     if ctx.endpoint == "messages":  # an Anthropic client
         if provider.wire == "anthropic":
-            return provider.chat_path, _passthrough(ctx, target), _anthropic_headers(ctx)
+            return provider.chat_path, _passthrough(ctx, target), _anthropic_headers(ctx, target)
         chat = anthropic.messages_to_chat(ctx.body, target.model)
         return "/chat/completions", orjson.dumps(chat), None
     if not provider.translates:
@@ -213,15 +213,34 @@ def _request(ctx: RequestContext, target: Target, path: str) -> tuple[str, bytes
 
 def _passthrough(ctx: RequestContext, target: Target) -> bytes:
     """An Anthropic client's body for an Anthropic target: unchanged but for ``model`` — and
-    SECURITY: no ``service_tier`` (a billing choice is never the client's)."""
+    SECURITY: without what would route or bill beyond the price table (``gateway.steering``: e.g.
+    ``service_tier``, ``mcp_servers``), and no server tools unless the target allows them."""
     body = dict(ctx.body)
+    if not target.watch.isdisjoint(body):
+        body = stripped(body, target.strip)
     body["model"] = target.model
-    body.pop("service_tier", None)
+    if "server_tools" in target.strip:
+        for tool in body.get("tools") or ():
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind.startswith(SERVER_TOOL_TYPES):
+                raise InvalidRequest(
+                    f"tools: {kind!r} is run and billed by Anthropic, and not enabled for this model",
+                    param="tools",
+                    code="server_tools_not_allowed",
+                )
     return orjson.dumps(body)
 
 
-def _anthropic_headers(ctx: RequestContext) -> dict[str, str] | None:
-    return anthropic_headers(ctx.headers)
+def _anthropic_headers(ctx: RequestContext, target: Target) -> dict[str, str] | None:
+    headers = anthropic_headers(ctx.headers)
+    betas = headers.get("anthropic-beta") if headers else None
+    if headers and betas and "context_1m" in target.strip:  # billed above the price table
+        kept = [b.strip() for b in betas.split(",") if b.strip() and not b.strip().startswith("context-1m")]
+        if kept:
+            headers["anthropic-beta"] = ",".join(kept)
+        else:
+            del headers["anthropic-beta"]
+    return headers or None
 
 
 def anthropic_headers(headers: Mapping[str, str]) -> dict[str, str] | None:

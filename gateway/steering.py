@@ -12,6 +12,11 @@ the gateway prices — all on the gateway's account, at the allowed model's pric
 - OpenAI: ``web_search_options`` (the search fee of a search model grows with ``search_context_size``;
   OpenRouter charges it for native search too), ``service_tier`` (``priority`` is billed above the price
   table's rate).
+- Anthropic, on ``/v1/messages`` passed through to an ``anthropic`` target: ``mcp_servers`` (Anthropic
+  calls URLs the client names), ``container``; and two allowances checked apart: ``server_tools``
+  (``tools`` of Anthropic's server types — web search, web fetch, code execution — are refused with a 400
+  unless allowed) and ``context_1m`` (the ``context-1m-…`` value of ``anthropic-beta`` is dropped unless
+  allowed).
 - LiteLLM-style proxies and SDK kwargs: ``api_base``, ``base_url``, ``api_key``, ``api_version``,
   ``organization``, ``custom_llm_provider``, ``extra_headers``, ``extra_body``, ``extra_query``,
   ``litellm_params``, ``fallbacks``, ``context_window_fallback_dict``, ``user_config``.
@@ -58,8 +63,18 @@ STEERING_FIELDS = frozenset(
         "context_window_fallback_dict",
         "user_config",
         "tags",  # LiteLLM tag-based routing picks between deployments (a free or a paid tier)
+        # Anthropic (/v1/messages passed through): the MCP connector calls URLs the client names, a
+        # code-execution container is billed by the hour; and two names that are not fields but allow
+        # what is checked apart (gateway.relay): server tools in ``tools`` (web search and fetch, code
+        # execution: billed per use) and the ``context-1m`` beta (long prompts billed above the table)
+        "mcp_servers",
+        "container",
+        "server_tools",
+        "context_1m",
     }
 )
+# Anthropic tool types run (and billed) by Anthropic itself: refused unless "server_tools" is allowed.
+SERVER_TOOL_TYPES = ("web_search", "web_fetch", "code_execution")
 # Containers that may go upstream (metadata is OpenAI's own field) and are searched for the names above.
 NESTED = frozenset({"extra_body", "metadata", "litellm_metadata"})
 MAX_NESTING = 8  # containers inside containers searched; deeper ones are dropped (no RecursionError)

@@ -49,6 +49,10 @@ STEERING = {
     "context_window_fallback_dict": {"chat": "gpt-4o"},
     "user_config": {"model_list": [{"model_name": "x", "litellm_params": {"model": "gpt-4o"}}]},
     "tags": ["paid-tier"],
+    "mcp_servers": [{"type": "url", "url": "https://attacker.example/mcp", "name": "x"}],
+    "container": "container_reused_by_another_team",
+    "server_tools": True,  # allowances, not fields: stripped all the same if a body carries them
+    "context_1m": True,
 }
 # Everything else a client may send, with values JSON encoders like to get wrong.
 KEPT = {

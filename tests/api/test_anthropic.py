@@ -255,3 +255,37 @@ async def test_reasoning_from_an_openai_compatible_target_is_a_thinking_block(
     assert deltas[0] == "thinking_delta" and "text_delta" in deltas
     assert [b.type for b in final.content] == ["thinking", "text"]  # a new block when the kind changes
     assert final.content[1].text == "Mock answer: hello claude"  # type: ignore[union-attr]
+
+
+async def test_billing_and_routing_features_stay_the_operators_choice(
+    upstream: Upstream, make_gateway
+) -> None:
+    web_search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+    betas = {"anthropic-beta": "context-1m-2025-08-07,interleaved-thinking-2025-05-14"}
+    gw = await make_gateway(config(upstream, "anthropic"))
+    async with client(gw, default_headers=betas) as c:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await c.messages.create(model="claude", max_tokens=10, messages=HELLO, tools=[web_search])  # type: ignore[list-item]
+        assert "web_search_20250305" in refused.value.body["error"]["message"]  # type: ignore[index]
+        await c.messages.create(
+            model="claude",
+            max_tokens=10,
+            messages=HELLO,
+            extra_body={
+                "service_tier": "auto",
+                "mcp_servers": [{"type": "url", "url": "https://evil.example/mcp"}],
+            },
+        )
+    body, headers = last_body(upstream), upstream.state.requests[-1].headers
+    assert "service_tier" not in body and "mcp_servers" not in body
+    assert (
+        headers["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+    )  # context-1m is billed above the table
+
+    cfg = config(upstream, "anthropic")
+    cfg["providers"][-1]["allow_fields"] = ["server_tools", "context_1m"]  # the operator opts in
+    gw = await make_gateway(cfg)
+    async with client(gw, default_headers=betas) as c:
+        await c.messages.create(model="claude", max_tokens=10, messages=HELLO, tools=[web_search])  # type: ignore[list-item]
+    assert last_body(upstream)["tools"] == [web_search]
+    assert upstream.state.requests[-1].headers["anthropic-beta"] == betas["anthropic-beta"]
