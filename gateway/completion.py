@@ -24,7 +24,7 @@ from gateway.accounting import fits_window
 from gateway.auth import Identity
 from gateway.context import UNKNOWN_MODEL, RequestContext
 from gateway.errors import CONTEXT_LENGTH_EXCEEDED, InvalidRequest, NotFound, PassThroughError
-from gateway.guardrails.engine import MessagesStreamGuard, StreamGuard
+from gateway.guardrails.engine import INLINE_BYTES, MessagesStreamGuard, StreamGuard
 from gateway.relay import OpenStream, Unary, stream_attempt, unary_attempt
 from gateway.routing import Target
 from gateway.runtime import CONTEXT, REQUEST_ID, Gateway
@@ -115,7 +115,7 @@ async def unary(gw: Gateway, ctx: RequestContext, path: str = "/chat/completions
     guard = gw.guard
     rules = guard.output_rules(ctx.identity) if guard is not None else ()
     if guard is not None and rules:  # output guardrails on the whole answer: redacted, or cut
-        anthropic = ctx.endpoint == "messages" and _anthropic_served(gw, ctx)
+        anthropic = passes_through(gw, ctx)
         check = guard.check_answer
         if len(result.body) <= INLINE_BYTES:
             changed = check(result.parsed, anthropic, rules, ctx.request_id)
@@ -131,19 +131,18 @@ async def stream(gw: Gateway, ctx: RequestContext) -> OpenStream:
     guard = gw.guard
     rules = guard.output_rules(ctx.identity) if guard is not None else ()
     if guard is not None and rules:  # output guardrails on the relayed text, as it goes
-        if ctx.endpoint == "messages" and _anthropic_served(gw, ctx):  # an Anthropic target's own events
+        if passes_through(gw, ctx):  # an Anthropic target's own events
             up.guard = MessagesStreamGuard(guard, rules, ctx.request_id)
         else:
             up.guard = StreamGuard(guard, rules, ctx.request_id)
     return up
 
 
-INLINE_BYTES = 64 * 1024  # answers longer than this are checked in a worker thread
-
-
-def _anthropic_served(gw: Gateway, ctx: RequestContext) -> bool:
+def passes_through(gw: Gateway, ctx: RequestContext) -> bool:
+    """Whether a /v1/messages request was served by an Anthropic target, whose own answer (JSON or
+    events) is relayed as it is, rather than translated from an OpenAI-compatible one."""
     provider = gw.providers.get(ctx.provider) if ctx.provider is not None else None
-    return provider is not None and provider.wire == "anthropic"
+    return ctx.endpoint == "messages" and provider is not None and provider.wire == "anthropic"
 
 
 def allowed_models(gw: Gateway, identity: Identity | None) -> list[str]:

@@ -13,10 +13,8 @@ from aiohttp import web
 from gateway.config import IdentityNeed, ModelConfig
 from gateway.context import RequestContext
 from gateway.errors import InvalidRequest
-from gateway.guardrails.engine import Guard
+from gateway.guardrails.engine import INLINE_BYTES, Guard
 from gateway.pipeline import Services
-
-INLINE_BYTES = 64 * 1024  # larger bodies are scanned in a worker thread
 
 
 class GuardrailsPlugin:

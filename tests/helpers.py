@@ -18,6 +18,9 @@ what a test calls itself lives here:
 ``PrivateRedis(workdir, persistent=False)``
     A redis-server of the test's own on a free port, to kill and start again (the ``private_redis``
     fixture gives a started one, skipping the test without ``redis-server``).
+``RedisProxy(host, port)``
+    A TCP proxy in front of Redis whose reads a test watches, changes or cuts (override ``to_redis`` /
+    ``to_client``).
 """
 
 from __future__ import annotations
@@ -157,3 +160,69 @@ def echo_credentials_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", echo_credentials)
     return app
+
+
+class RedisProxy:
+    """A TCP proxy in front of Redis, for tests that watch or break the wire. Each read passes through
+    ``to_redis`` / ``to_client`` with the connection's own ``state`` dict; returning None cuts both
+    connections instead of passing the bytes on."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.server: asyncio.AbstractServer | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    def to_redis(self, state: dict[str, Any], data: bytes) -> bytes | None:
+        return data
+
+    def to_client(self, state: dict[str, Any], data: bytes) -> bytes | None:
+        return data
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
+        self.writers += [client_w, redis_w]
+        state: dict[str, Any] = {}
+
+        async def pipe(
+            reader: asyncio.StreamReader,
+            writer: asyncio.StreamWriter,
+            hook: Callable[[dict[str, Any], bytes], bytes | None],
+        ) -> None:
+            while data := await reader.read(1 << 20):
+                out = hook(state, data)
+                if out is None:
+                    return  # cut: both connections are closed below
+                writer.write(out)
+
+        try:
+            await asyncio.wait(
+                [
+                    asyncio.ensure_future(pipe(client_r, redis_w, self.to_redis)),
+                    asyncio.ensure_future(pipe(redis_r, client_w, self.to_client)),
+                ],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            client_w.transport.abort()
+            redis_w.transport.abort()
+            self.handlers.discard(task)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        while self.handlers:
+            await asyncio.sleep(0.01)

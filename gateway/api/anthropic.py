@@ -23,7 +23,7 @@ from gateway.api.openai import JSON, begin, gateway_headers, read_json
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied
 from gateway.formats import anthropic
 from gateway.relay import anthropic_headers, read_body, relay_stream
-from gateway.runtime import GATEWAY, Gateway
+from gateway.runtime import GATEWAY
 
 PREFIX = "/v1/messages"
 
@@ -53,12 +53,6 @@ def _check_system(body: dict[str, Any]) -> None:
         raise InvalidRequest("system: a string or an array of text blocks", param="system")
 
 
-def _native(gw: Gateway, provider: str | None) -> bool:
-    """Whether the target that served speaks Anthropic's API (its answer is relayed as it is)."""
-    served = gw.providers.get(provider) if provider is not None else None
-    return served is not None and served.wire == "anthropic"
-
-
 async def messages(request: web.Request) -> web.StreamResponse:
     ctx, answer = await begin(request, "messages", _validate)
     if answer is not None:
@@ -67,11 +61,11 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if ctx.stream:
         upstream = await core.stream(gw, ctx)
         gateway_headers(ctx)
-        native = _native(gw, ctx.provider)
+        native = core.passes_through(gw, ctx)
         shape = anthropic.PassThrough() if native else anthropic.MessagesStream(ctx.model_name)
         return await relay_stream(request, ctx, upstream, shape)
     result = await core.unary(gw, ctx)
-    if _native(gw, ctx.provider):
+    if core.passes_through(gw, ctx):
         data = result.body
     else:
         data = jsonx.dumps(anthropic.chat_to_message(result.parsed, ctx.model_name))

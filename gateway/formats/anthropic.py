@@ -272,7 +272,7 @@ class ChatStream:
         out: list[bytes] = []
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:
-            payload = _data(buffer[start:end])
+            payload = event_data(buffer[start:end])
             start = end + 2
             if payload is not None:
                 out.append(self._event(payload))
@@ -361,7 +361,7 @@ class ChatStream:
         return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
-def _data(event: bytes) -> bytes | None:
+def event_data(event: bytes) -> bytes | None:
     """The ``data:`` payload of one SSE event (Anthropic's name it in ``event:``, repeated in ``type``)."""
     for line in event.split(b"\n"):
         if line.startswith(b"data:"):
@@ -588,7 +588,7 @@ class MessagesStream:
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         for event in data.split(b"\n\n"):
-            payload = _data(event)
+            payload = event_data(event)
             if payload is None or payload == b"[DONE]":
                 continue
             try:
@@ -734,7 +734,7 @@ class EventScanner:
         return whole
 
     def _decode(self, event: bytes) -> None:
-        payload = _data(event)
+        payload = event_data(event)
         try:
             parsed = orjson.loads(payload) if payload else None
         except orjson.JSONDecodeError:
@@ -815,7 +815,7 @@ def events_message(stream: bytes) -> dict[str, Any] | None:
     blocks: dict[int, dict[str, Any]] = {}
     arguments: dict[int, str] = {}
     for raw in stream.replace(b"\r\n", b"\n").split(b"\n\n"):
-        payload = _data(raw)
+        payload = event_data(raw)
         try:
             event = orjson.loads(payload) if payload else None
         except orjson.JSONDecodeError:

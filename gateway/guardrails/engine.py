@@ -18,7 +18,7 @@ from gateway import jsonx, metrics
 from gateway.auth import Identity
 from gateway.config import Config, GuardrailRule
 from gateway.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable
-from gateway.formats.anthropic import sse_event
+from gateway.formats.anthropic import event_data, sse_event
 from gateway.guardrails.detectors import DETECTORS, compile_pattern, find_pattern
 from gateway.providers.base import Provider
 
@@ -29,6 +29,7 @@ PATTERN_HOLD = 256  # a user pattern's longest match, as far as a stream's hold-
 MAX_HOLD = 1024  # text a stream holds back at most (a longer match can be cut before it is seen)
 MARGIN = 8  # a match ending this close to a stream's held text may still change with the next chunk
 MODERATION_MAX_BYTES = 256 * 1024
+INLINE_BYTES = 64 * 1024  # a longer request or answer is checked in a worker thread, off the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,19 +468,10 @@ class OutputFilter(Protocol):
     def feed(self, data: bytes) -> bytes: ...
 
 
-class StreamGuard:
-    """Output rules on an OpenAI chunk stream, for one request: the answer's text (``choices[0]``'s
-    ``delta.content``) goes through a ``TextHold`` and out re-chunked. ``redact`` rewrites the relayed
-    text; ``block`` relays the text before the match, then a final chunk with ``finish_reason:
-    content_filter`` and ``[DONE]``, and sets ``stopped`` (the relay then cancels the upstream). Other
-    chunks (roles, tool calls, usage) pass through in order."""
+class _EventFilter:
+    """Whole SSE events in (LF or CRLF), each through ``_event``; nothing more once ``stopped``."""
 
-    def __init__(self, guard: Guard, rules: tuple[Rule, ...], request_id: str) -> None:
-        self.guard, self.request_id = guard, request_id
-        self.acted: set[tuple[str, str]] = set()
-        self.text = TextHold(guard, rules, self.acted)
-        self.template: dict[str, Any] | None = None  # the last content chunk, to re-chunk the text
-        self.stopped = False
+    stopped = False
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
@@ -493,7 +485,25 @@ class StreamGuard:
         return b"".join(out)
 
     def _event(self, event: bytes) -> bytes:
-        payload = _payload(event)
+        raise NotImplementedError
+
+
+class StreamGuard(_EventFilter):
+    """Output rules on an OpenAI chunk stream, for one request: the answer's text (``choices[0]``'s
+    ``delta.content``) goes through a ``TextHold`` and out re-chunked. ``redact`` rewrites the relayed
+    text; ``block`` relays the text before the match, then a final chunk with ``finish_reason:
+    content_filter`` and ``[DONE]``, and sets ``stopped`` (the relay then cancels the upstream). Other
+    chunks (roles, tool calls, usage) pass through in order."""
+
+    def __init__(self, guard: Guard, rules: tuple[Rule, ...], request_id: str) -> None:
+        self.guard, self.request_id = guard, request_id
+        self.acted: set[tuple[str, str]] = set()
+        self.text = TextHold(guard, rules, self.acted)
+        self.template: dict[str, Any] | None = None  # the last content chunk, to re-chunk the text
+        self.stopped = False
+
+    def _event(self, event: bytes) -> bytes:
+        payload = event_data(event)
         if payload == b"[DONE]":
             return self._release("", final=True) + event + b"\n\n"
         chunk = _json(payload) if payload is not None else None
@@ -543,7 +553,7 @@ class StreamGuard:
         return _sse({**self._base(), "choices": [choice]})
 
 
-class MessagesStreamGuard:
+class MessagesStreamGuard(_EventFilter):
     """Output rules on an Anthropic event stream relayed as it is (``/v1/messages`` to an ``anthropic``
     target): each text block's ``text_delta``s go through a ``TextHold`` and out as new deltas; a block
     relays the text before the match, then closes the block, ``message_delta`` with ``stop_reason:
@@ -555,19 +565,8 @@ class MessagesStreamGuard:
         self.blocks: dict[int, TextHold] = {}
         self.stopped = False
 
-    def feed(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        for event in data.split(b"\n\n"):
-            if self.stopped:
-                break
-            if event.strip():
-                out.append(self._event(event))
-        return b"".join(out)
-
     def _event(self, raw: bytes) -> bytes:
-        payload = _payload(raw)
+        payload = event_data(raw)
         event = _json(payload) if payload is not None else None
         if event is None:
             return raw + b"\n\n"
@@ -603,13 +602,6 @@ class MessagesStreamGuard:
             + sse_event("message_delta", ending)
             + sse_event("message_stop", {})
         )
-
-
-def _payload(event: bytes) -> bytes | None:
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            return line[5:].strip()
-    return None
 
 
 def _json(payload: bytes) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ import pytest
 from gateway.limits.keys import usage as usage_key
 from gateway.state.base import Op
 from tests.conftest import MASTER_KEY, REDIS_URL, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
+from tests.helpers import RedisProxy
 
 MESSAGES = [{"role": "user", "content": "how many tokens is this?"}]
 BACKENDS = pytest.mark.parametrize("redis", [True, False], ids=["redis", "memory"])
@@ -275,66 +276,25 @@ async def test_dates_at_the_calendars_ends_are_a_400(upstream, make_gateway, que
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
 
 
-class TurnCounter:
+class TurnCounter(RedisProxy):
     """A TCP proxy in front of Redis that counts round trips on the wire, per connection: a turn is
     the client sending after it last heard from Redis (or for the first time). Commands pipelined in
     one go are one turn whatever their number; commands each waiting for the previous reply are one
     turn each. It counts what the gateway does, not how (redis-py, the hot path's pipe, a script)."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.turns = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        self.handlers: set[asyncio.Task[Any]] = set()
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+    def to_redis(self, state: dict[str, Any], data: bytes) -> bytes:
+        if not state.get("waiting"):  # the client has not sent since Redis last answered
+            self.turns += 1
+            state["waiting"] = True
+        return data
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        redis_r, redis_w = await asyncio.open_connection(self.host, self.port)
-        self.writers += [client_w, redis_w]
-        waiting = False  # the client has sent since Redis last answered
-
-        async def up() -> None:
-            nonlocal waiting
-            while data := await client_r.read(1 << 20):
-                if not waiting:
-                    self.turns += 1
-                    waiting = True
-                redis_w.write(data)
-
-        async def down() -> None:
-            nonlocal waiting
-            while data := await redis_r.read(1 << 20):
-                waiting = False
-                client_w.write(data)
-
-        try:
-            await asyncio.wait(
-                [asyncio.ensure_future(up()), asyncio.ensure_future(down())],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            client_w.transport.abort()
-            redis_w.transport.abort()
-            self.handlers.discard(task)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        while self.handlers:
-            await asyncio.sleep(0.01)
+    def to_client(self, state: dict[str, Any], data: bytes) -> bytes:
+        state["waiting"] = False
+        return data
 
 
 async def test_a_years_report_is_one_round_trip(upstream, make_gateway) -> None:

@@ -18,7 +18,7 @@ from gateway.limits.limiter import Limiter
 from gateway.state.base import Op, new_settle_id
 from gateway.state.redis import RedisStore
 from tests.conftest import MASTER_KEY, TEAM_B_KEY, TEAM_KEY, RunningGateway, tenancy_config
-from tests.helpers import PrivateRedis, eventually, free_port
+from tests.helpers import PrivateRedis, RedisProxy, eventually, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -228,63 +228,22 @@ async def test_a_quick_redis_restart_fails_no_request(
     assert redis_log_events(gw) == []
 
 
-class ReplyDropper:
+class ReplyDropper(RedisProxy):
     """A TCP proxy in front of Redis that, when armed, cuts the connection carrying the next integer
     reply (what settle.lua answers) instead of delivering it: Redis ran the settlement, the gateway
     never hears so."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
+        super().__init__("127.0.0.1", port)
         self.armed = False
         self.dropped = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        self.handlers: set[asyncio.Task[Any]] = set()
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
-        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writers += [client_w, redis_w]
-
-        async def up() -> None:
-            while data := await client_r.read(65536):
-                redis_w.write(data)
-
-        async def down() -> None:
-            while data := await redis_r.read(65536):
-                if self.armed and data.startswith(b":"):
-                    self.armed = False
-                    self.dropped += 1
-                    return  # the reply is never delivered; both connections are cut below
-                client_w.write(data)
-
-        try:
-            await asyncio.wait(
-                [asyncio.ensure_future(up()), asyncio.ensure_future(down())],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            client_w.transport.abort()
-            redis_w.transport.abort()
-            self.handlers.discard(task)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        while self.handlers:
-            await asyncio.sleep(0.01)
+    def to_client(self, state: dict[str, Any], data: bytes) -> bytes | None:
+        if self.armed and data.startswith(b":"):
+            self.armed = False
+            self.dropped += 1
+            return None  # the reply is never delivered; both connections are cut
+        return data
 
 
 async def test_a_settlement_whose_reply_is_lost_is_booked_once(
